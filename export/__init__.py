@@ -1,0 +1,1 @@
+"""VGG feature extractor, its export to the ONNX artifact, and the artifact reader."""

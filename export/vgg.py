@@ -1,0 +1,238 @@
+"""VGG19's convolutional part in plain torch, tapping named layers.
+
+The parameters live in `self.features`, an `nn.Sequential` laid out exactly like
+torchvision's `vgg19().features` (convs at the indices torchvision uses, ReLU and
+pooling modules in between), so the state-dict keys are torchvision's
+`features.N.weight` / `features.N.bias` and its checkpoints load unchanged.
+
+The module computes the network functionally from those parameters instead of
+calling the Sequential, because style transfer needs things torchvision's module
+cannot give: taps before and after each ReLU (no in-place ReLU clobbering a tapped
+conv output), average pooling, replicate padding on the first conv, and several
+views of one set of weights (`configured`) that differ only in those choices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, VGG19_LAYERS, Padding, Pooling
+
+# Output channels of each conv, "M" for a 2x2 pooling: torchvision's configuration "E" (VGG19).
+VGG19_CONFIG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
+)  # fmt: skip
+
+# Average pooling of post-ReLU maps roughly halves their magnitude compared with max
+# pooling; scaling by 2 keeps deeper activations (and so the loss weights tuned for max
+# pooling) in the same range. Same constant as crowsonkb's style-transfer-pytorch.
+AVERAGE_POOL_SCALE = 2.0
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or loaded as asked; the message is one line naming the problem."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How RGB in [0, 1] becomes the network's input: optional RGB->BGR, then (x * scale - mean) / std.
+
+    `mean` and `std` are given in the network's channel order (BGR when `bgr`).
+    """
+
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scale: float = 1.0
+    bgr: bool = False
+
+
+# torchvision's ImageNet models: RGB in [0, 1], per-channel mean and std.
+IMAGENET_NORMALIZATION = Normalization(name="imagenet", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# The Caffe VGG19 (and neural-style's conversion of it): BGR in [0, 255], mean subtracted, no std.
+CAFFE_NORMALIZATION = Normalization(
+    name="caffe", mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), scale=255.0, bgr=True
+)
+NORMALIZATIONS: dict[str, Normalization] = {n.name: n for n in (IMAGENET_NORMALIZATION, CAFFE_NORMALIZATION)}
+
+
+def _conv_shapes() -> dict[int, tuple[int, int]]:
+    """Index in `features` -> (in_channels, out_channels) for each conv, derived from VGG19_CONFIG."""
+    shapes: dict[int, tuple[int, int]] = {}
+    index, channels = 0, 3
+    for item in VGG19_CONFIG:
+        if item == "M":
+            index += 1
+        else:
+            shapes[index] = (channels, int(item))
+            channels = int(item)
+            index += 2  # conv, then its ReLU
+    return shapes
+
+
+CONV_SHAPES = _conv_shapes()
+# Every tappable layer name -> its index in `features`; VGG19_LAYERS lists them in network order.
+LAYER_INDEX: dict[str, int] = {name: i for i, name in enumerate(VGG19_LAYERS)}
+assert len(VGG19_LAYERS) == max(CONV_SHAPES) + 3, "VGG19_LAYERS disagrees with VGG19_CONFIG"
+
+
+def expected_shapes() -> dict[str, tuple[int, ...]]:
+    """The state dict's keys and shapes, in torchvision's order."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for index, (cin, cout) in CONV_SHAPES.items():
+        shapes[f"features.{index}.weight"] = (cout, cin, 3, 3)
+        shapes[f"features.{index}.bias"] = (cout,)
+    return shapes
+
+
+def random_state_dict(seed: int = 0) -> dict[str, Tensor]:
+    """Seeded He-initialized weights (zero biases): activations keep their scale through all 16 convs.
+
+    For tests and machines without the pretrained weights; the same seed gives the same tensors.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, Tensor] = {}
+    for key, shape in expected_shapes().items():
+        if key.endswith(".weight"):
+            fan_in = shape[1] * shape[2] * shape[3]
+            state[key] = torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)
+        else:
+            state[key] = torch.zeros(shape)
+    return state
+
+
+def validate_state_dict(state_dict: Mapping[str, Tensor]) -> None:
+    """Raise ModelError naming the first missing, unexpected or misshapen key."""
+    expected = expected_shapes()
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        raise ModelError(f"weights lack {len(missing)} VGG19 key(s), first {missing[0]!r}")
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected:
+        raise ModelError(f"weights have {len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
+    for key, shape in expected.items():
+        value = state_dict[key]
+        if not isinstance(value, Tensor):
+            raise ModelError(f"weights key {key!r} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != shape:
+            raise ModelError(f"weights key {key!r} has shape {tuple(value.shape)}, expected {shape}")
+        if not value.is_floating_point():
+            raise ModelError(f"weights key {key!r} has dtype {value.dtype}, expected a floating type")
+
+
+def resolve_layers(layers: Iterable[str]) -> tuple[str, ...]:
+    """Validate layer names, drop repeats (first occurrence wins), keep the caller's order."""
+    resolved = tuple(dict.fromkeys(layers))
+    if not resolved:
+        raise ModelError("no layers to tap; choose from " + " ".join(VGG19_LAYERS))
+    unknown = [name for name in resolved if name not in LAYER_INDEX]
+    if unknown:
+        raise ModelError(f"unknown layer(s) {' '.join(unknown)}; valid: {' '.join(VGG19_LAYERS)}")
+    return resolved
+
+
+def _enum(kind: type[Pooling] | type[Padding], value: str) -> Pooling | Padding:
+    try:
+        return kind(value)
+    except ValueError:
+        valid = " ".join(member.value for member in kind)
+        raise ModelError(f"unknown {kind.__name__.lower()} {value!r}; valid: {valid}") from None
+
+
+def _build_features() -> nn.Sequential:
+    modules: list[nn.Module] = []
+    channels = 3
+    for item in VGG19_CONFIG:
+        if item == "M":
+            modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            modules += [nn.Conv2d(channels, int(item), kernel_size=3, padding=1), nn.ReLU()]
+            channels = int(item)
+    return nn.Sequential(*modules)
+
+
+class VGGFeatures(nn.Module):
+    """VGG19 conv part returning `{layer: activation}` for the tapped layers.
+
+    Input: RGB in [0, 1], N x 3 x H x W; normalization happens inside. Only the
+    layers up to the deepest tap are computed. The parameters are frozen
+    (requires_grad False): gradients flow to the input image only.
+    """
+
+    def __init__(
+        self,
+        layers: Iterable[str] = DEFAULT_EXPORT_LAYERS,
+        *,
+        pooling: str = Pooling.MAX,
+        padding: str = Padding.ZEROS,
+        normalization: Normalization = IMAGENET_NORMALIZATION,
+    ):
+        super().__init__()
+        self.features = _build_features()
+        self.features.requires_grad_(False)
+        self._configure(layers, pooling, padding, normalization)
+
+    def _configure(
+        self, layers: Iterable[str], pooling: str, padding: str, normalization: Normalization
+    ) -> None:
+        self.layers = resolve_layers(layers)
+        self.pooling = _enum(Pooling, pooling)
+        self.padding = _enum(Padding, padding)
+        self.normalization = normalization
+        self._depth = max(LAYER_INDEX[name] for name in self.layers) + 1
+        # Not persistent: the state dict stays exactly torchvision's keys.
+        self.register_buffer("mean", torch.tensor(normalization.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(normalization.std).view(1, 3, 1, 1), persistent=False)
+
+    def configured(
+        self, *, layers: Iterable[str] | None = None, pooling: str | None = None, padding: str | None = None
+    ) -> VGGFeatures:
+        """Another view of the SAME parameters (no copy) with other taps, pooling or padding."""
+        view = VGGFeatures.__new__(VGGFeatures)
+        nn.Module.__init__(view)
+        view.features = self.features
+        view._configure(
+            self.layers if layers is None else layers,
+            self.pooling if pooling is None else pooling,
+            self.padding if padding is None else padding,
+            self.normalization,
+        )
+        return view.to(self.mean.device)
+
+    def load_weights(self, state_dict: Mapping[str, Tensor]) -> VGGFeatures:
+        """Load torchvision-layout weights after checking every key and shape; returns self."""
+        validate_state_dict(state_dict)
+        self.load_state_dict(dict(state_dict), strict=True)
+        return self
+
+    def normalize(self, image: Tensor) -> Tensor:
+        if self.normalization.bgr:
+            image = image.flip(1)
+        return (image * self.normalization.scale - self.mean) / self.std
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        taps = {LAYER_INDEX[name]: name for name in self.layers}
+        outputs: dict[str, Tensor] = {}
+        x = self.normalize(image)
+        for index in range(self._depth):
+            module = self.features[index]
+            if isinstance(module, nn.Conv2d):
+                if index == 0 and self.padding == Padding.REPLICATE:
+                    x = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), module.weight, module.bias)
+                else:
+                    x = F.conv2d(x, module.weight, module.bias, padding=1)
+            elif isinstance(module, nn.ReLU):
+                x = F.relu(x)  # never in place: the conv output may be a tap
+            elif self.pooling == Pooling.AVERAGE:
+                x = F.avg_pool2d(x, kernel_size=2, stride=2) * AVERAGE_POOL_SCALE
+            else:
+                x = F.max_pool2d(x, kernel_size=2, stride=2)
+            if index in taps:
+                outputs[taps[index]] = x
+        return {name: outputs[name] for name in self.layers}
