@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for stylize.v1 (scripts/gen_proto.py)."""

@@ -1,0 +1,1 @@
+"""The stylize service: engine, runtime, gRPC service and metrics."""

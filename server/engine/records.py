@@ -1,0 +1,48 @@
+"""Typed records the optimization loop reports through, and its exceptions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Losses:
+    """Weighted loss terms of one iteration (the total is their sum)."""
+
+    total: float
+    content: float
+    style: float
+    total_variation: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One optimizer iteration. `image` (3 x H x W, float in [0, 1], on the CPU) is set only
+    when a preview was due at this iteration."""
+
+    iteration: int  # 1-based, over all scales
+    iterations_total: int
+    scale: int  # 0-based
+    scales: int
+    width: int
+    height: int
+    losses: Losses
+    elapsed_seconds: float
+    eta_seconds: float
+    image: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """The finished job: the output image (3 x H x W, float in [0, 1], on the CPU)."""
+
+    image: torch.Tensor
+    losses: Losses
+    iterations: int
+    elapsed_seconds: float
+
+
+class Cancelled(Exception):
+    """The job's cancel flag was set; raised within one iteration of it."""
