@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, VGG19_LAYERS, Padding, Pooling
+from torch import Tensor, nn
 
 # Output channels of each conv, "M" for a 2x2 pooling: torchvision's configuration "E" (VGG19).
 VGG19_CONFIG: tuple[int | str, ...] = (
