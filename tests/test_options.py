@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import fields
@@ -13,27 +14,20 @@ import pytest
 from stylize.server.engine import options as engine_options
 from stylize.v1 import stylize_pb2
 
-PROTO = Path(__file__).resolve().parent.parent / "proto" / "stylize" / "v1" / "stylize.proto"
-FIELD_RE = re.compile(r"^\s*(?:optional\s+|repeated\s+)?[\w.]+\s+(\w+)\s*=\s*\d+;")
+_spec = importlib.util.spec_from_file_location(
+    "gen_docs", Path(__file__).resolve().parent.parent / "scripts" / "gen_docs.py"
+)
+gen_docs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen_docs)
 
 
 def documented_defaults(message: str) -> dict[str, str]:
-    """Field name -> the text after "Default:" in the comment block above that field of `message`."""
-    body = PROTO.read_text().split(f"message {message} {{", 1)[1].split("\n}", 1)[0]
-    defaults: dict[str, str] = {}
-    comment: list[str] = []
-    for line in body.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("//"):
-            comment.append(stripped.lstrip("/ "))
-            continue
-        match = FIELD_RE.match(line)
-        if match:
-            text = " ".join(comment)
-            if "Default:" in text:
-                defaults[match.group(1)] = text.split("Default:", 1)[1].strip().rstrip(".")
-        comment = []
-    return defaults
+    """Field name -> the text after "Default:" in the proto comment of that field of `message`."""
+    return {
+        name: comment.split("Default:", 1)[1].strip().rstrip(".")
+        for name, comment in gen_docs.field_comments(message).items()
+        if "Default:" in comment
+    }
 
 
 def agrees(documented: str, value: object) -> bool:
@@ -97,3 +91,8 @@ def test_agrees_can_fail() -> None:
     assert not agrees("512", 256)
     assert not agrees("GRAM", engine_options.StyleLoss.MEAN_COVARIANCE)
     assert not agrees("relu4_2 (1.0)", (("relu4_1", 1.0),))
+
+
+def test_readme_options_table_is_current() -> None:
+    readme = gen_docs.README.read_text()
+    assert gen_docs.render_readme(readme) == readme, "README options table is stale: run scripts/gen_docs.py"
