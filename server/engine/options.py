@@ -11,6 +11,7 @@ the defaults without the server's dependencies.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
 
@@ -151,3 +152,191 @@ def option_names() -> list[str]:
 DEFAULTS = StyleOptions()
 DEFAULT_PREVIEW = PreviewOptions()
 DEFAULT_LIMITS = Limits()
+
+
+def downsampling(layer: str) -> int:
+    """How many times smaller than the input a layer's feature map is (2x per pooling before it)."""
+    return 2 ** sum(name.startswith("pool") for name in VGG19_LAYERS[: VGG19_LAYERS.index(layer)])
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+_ENUM_FIELDS: dict[str, type[StrEnum]] = {
+    "style_loss": StyleLoss,
+    "optimizer": Optimizer,
+    "init": Init,
+    "color": ColorMode,
+    "pooling": Pooling,
+    "padding": Padding,
+    "precision": Precision,
+}
+
+
+class _Violations(list[FieldViolation]):
+    def add(self, field: str, description: str) -> None:
+        self.append(FieldViolation(field, description))
+
+
+def _check_layers(found: _Violations, name: str, layers: tuple[tuple[str, float], ...]) -> None:
+    seen: set[str] = set()
+    for index, (layer, weight) in enumerate(layers):
+        if layer not in VGG19_LAYERS:
+            found.add(f"{name}[{index}].layer", f"unknown layer {layer!r}; valid: {' '.join(VGG19_LAYERS)}")
+        elif layer in seen:
+            found.add(f"{name}[{index}].layer", f"layer {layer!r} is listed twice")
+        seen.add(layer)
+        if not (_real(weight) and weight >= 0):
+            found.add(f"{name}[{index}].weight", f"must be finite and >= 0, got {weight}")
+
+
+def _check_sizes(found: _Violations, o: StyleOptions, limits: Limits, smallest: int) -> dict[str, bool]:
+    """Sizes and scale factor; which of "size", "min_size", "scale_factor" are sound."""
+    valid = {}
+    for field in ("size", "min_size"):
+        value = getattr(o, field)
+        valid[field] = _whole(value, smallest)
+        if not valid[field]:
+            found.add(field, f"must be an integer >= {smallest} (the chosen layers need it), got {value}")
+    if valid["size"] and o.size > limits.max_size:
+        found.add("size", f"{o.size} exceeds this server's limit of {limits.max_size} pixels")
+    if valid["size"] and valid["min_size"] and o.min_size > o.size:
+        found.add("min_size", f"must be <= size ({o.size}), got {o.min_size}")
+        valid["min_size"] = False
+    valid["scale_factor"] = _real(o.scale_factor) and o.scale_factor > 1
+    if not valid["scale_factor"]:
+        found.add("scale_factor", f"must be a finite number > 1, got {o.scale_factor}")
+    return valid
+
+
+def _check_iterations(found: _Violations, o: StyleOptions, limits: Limits, sizes_sound: bool) -> None:
+    from stylize.server.engine import schedule  # pure Python, no torch
+
+    sound = True
+    for field in ("iterations", "initial_iterations"):
+        if not _whole(getattr(o, field), 1):
+            found.add(field, f"must be an integer >= 1, got {getattr(o, field)}")
+            sound = False
+    if sound and sizes_sound:
+        scales = schedule.scale_count(o.size, o.min_size, o.scale_factor)
+        total = schedule.total_iterations(
+            iterations=o.iterations, initial_iterations=o.initial_iterations, scales=scales
+        )
+        if total > limits.max_iterations:
+            found.add(
+                "iterations",
+                f"{total} iterations over {scales} scale(s) exceed this server's limit of "
+                f"{limits.max_iterations}",
+            )
+
+
+def _check_content(
+    found: _Violations,
+    o: StyleOptions,
+    limits: Limits,
+    content_size: tuple[int, int],
+    smallest: int,
+    sizes: dict[str, bool],
+) -> None:
+    from stylize.server.engine import schedule  # pure Python, no torch
+
+    width, height = content_size
+    if width < 1 or height < 1:
+        found.add("content", f"image is empty ({width}x{height})")
+        return
+    if not sizes["size"]:
+        return
+    out_w, out_h = schedule.fit(o.size, content_size)
+    if out_w * out_h > limits.max_pixels:
+        found.add(
+            "size",
+            f"an output of {out_w}x{out_h} = {out_w * out_h} pixels exceeds this server's limit of "
+            f"{limits.max_pixels}",
+        )
+    first_w, first_h = schedule.fit(o.min_size, content_size)
+    if sizes["min_size"] and min(first_w, first_h) < smallest:
+        found.add(
+            "min_size",
+            f"the first scale ({first_w}x{first_h}) has a short edge below {smallest} pixels, too small "
+            "for the deepest chosen layer; raise min_size or use a less elongated content image",
+        )
+
+
+def _check_styles(
+    found: _Violations, limits: Limits, styles: int | None, style_weights: Sequence[float] | None
+) -> None:
+    if styles is not None and not 1 <= styles <= limits.max_styles:
+        found.add("styles", f"1 to {limits.max_styles} style images are needed, got {styles}")
+    if style_weights is None:
+        return
+    valid = True
+    for index, weight in enumerate(style_weights):
+        if not (_real(weight) and weight >= 0):
+            found.add(f"styles[{index}].weight", f"must be finite and >= 0, got {weight}")
+            valid = False
+    if valid and style_weights and sum(style_weights) <= 0:
+        found.add("styles", "the style weights sum to 0; at least one must be positive")
+
+
+def validate(
+    options: StyleOptions,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    content_size: tuple[int, int] | None = None,
+    styles: int | None = None,
+    style_weights: Sequence[float] | None = None,
+) -> None:
+    """Check every rule and limit before any work; raise OptionsError listing ALL violations.
+
+    Field paths are relative to StyleOptions ("size", "style_layers[1].layer"). The inputs are
+    named "content" (`content_size`: the content's (width, height); either order gives the same
+    verdict, only the longest edge, the aspect and the product matter), "styles" (their number)
+    and "styles[i].weight" (blend weights). Checks that need an input are skipped when it is None.
+    """
+    o = options
+    found = _Violations()
+    for field, kind in _ENUM_FIELDS.items():
+        value = getattr(o, field)
+        if value not in {member.value for member in kind}:
+            found.add(field, f"unknown value {value!r}; valid: {' '.join(member.value for member in kind)}")
+
+    _check_layers(found, "content_layers", o.content_layers)
+    _check_layers(found, "style_layers", o.style_layers)
+    if not o.style_layers:
+        found.add("style_layers", "at least one style layer is needed")
+    chosen = [layer for layer, _ in (*o.content_layers, *o.style_layers) if layer in VGG19_LAYERS]
+    smallest = max((downsampling(layer) for layer in chosen), default=1)
+
+    sizes = _check_sizes(found, o, limits, smallest)
+    _check_iterations(found, o, limits, all(sizes.values()))
+
+    for field in ("content_weight", "style_weight", "tv_weight"):
+        if not (_real(getattr(o, field)) and getattr(o, field) >= 0):
+            found.add(field, f"must be finite and >= 0, got {getattr(o, field)}")
+    if not (_real(o.learning_rate) and o.learning_rate > 0):
+        found.add("learning_rate", f"must be a finite number > 0, got {o.learning_rate}")
+    if not (_real(o.ema_decay) and 0 <= o.ema_decay < 1):
+        found.add("ema_decay", f"must be in [0, 1), got {o.ema_decay}")
+    if not _whole(o.lbfgs_history, 1):
+        found.add("lbfgs_history", f"must be an integer >= 1, got {o.lbfgs_history}")
+    if not (_whole(o.seed, 0) and o.seed < 2**64):
+        found.add("seed", f"must be an integer in [0, 2^64), got {o.seed}")
+    if not (_real(o.style_scale) and 0 < o.style_scale <= 4):
+        found.add("style_scale", f"must be in (0, 4], got {o.style_scale}")
+    elif sizes["size"] and o.size <= limits.max_size < round(o.size * o.style_scale):
+        found.add(
+            "style_scale",
+            f"style images of {round(o.size * o.style_scale)} pixels (size x style_scale) exceed this "
+            f"server's limit of {limits.max_size}",
+        )
+
+    if content_size is not None:
+        _check_content(found, o, limits, content_size, smallest, sizes)
+    _check_styles(found, limits, styles, style_weights)
+    if found:
+        raise OptionsError(list(found))
