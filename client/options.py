@@ -1,0 +1,263 @@
+"""Job options on the client side: their names, kinds, defaults and choices, mapped to and from the proto.
+
+Nothing here defines a default: the names, defaults and enum choices come from the engine's
+StyleOptions and PreviewOptions (stylize.server.engine.options, which imports no torch), so the
+library, the CLI's flags and their --help read the same values the server uses.
+
+Only the options a caller sets are sent; every other field stays unset and the server applies its
+default. Validation here covers what can be decided without the server and would otherwise cost a
+round trip: unknown names, wrong types, values the proto cannot carry (a negative number for an
+unsigned field), unknown enum choices and unknown layer names. Limits (size, iterations, ...) are
+the server's to judge, because its operator can change them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any
+
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+
+from stylize.client.errors import InvalidArgument
+from stylize.server.engine.options import (
+    DEFAULT_PREVIEW,
+    DEFAULTS,
+    VGG19_LAYERS,
+    FieldViolation,
+)
+from stylize.v1 import stylize_pb2
+
+Layers = tuple[tuple[str, float], ...]
+
+# One line of meaning per option, for the CLI's --help (the proto's comments hold the full text).
+HELP: dict[str, str] = {
+    "size": "longest edge of the output image in pixels",
+    "min_size": "longest edge of the first (coarsest) scale; equal to size for a single-scale run",
+    "scale_factor": "growth of the edge from one scale to the next",
+    "iterations": "optimizer iterations at each scale",
+    "initial_iterations": "iterations at the first scale, which starts from scratch",
+    "content_weight": "weight of the content loss",
+    "style_weight": "weight of the style loss",
+    "tv_weight": "weight of the total-variation loss",
+    "content_layers": "content layers, each LAYER or LAYER:WEIGHT",
+    "style_layers": "style layers, each LAYER or LAYER:WEIGHT",
+    "style_loss": "how style statistics are matched",
+    "optimizer": "optimizer",
+    "learning_rate": "Adam step size, in pixel units of a [0, 1] image",
+    "ema_decay": "Adam only: decay of the moving average of the iterates that becomes the output (0: off)",
+    "lbfgs_history": "L-BFGS history size",
+    "init": "starting image",
+    "seed": "seed for every random choice (noise init)",
+    "style_scale": "size of the style images relative to the output",
+    "color": "colour handling",
+    "pooling": "pooling inside VGG",
+    "padding": "padding of the first convolution",
+    "precision": "numeric precision of the network",
+    "every": "send a preview every N iterations (0: no previews)",
+    "max_size": "longest edge of a preview in pixels (0: full size)",
+    "format": "preview encoding",
+    "quality": "JPEG/WebP quality 1..100",
+}
+
+IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of a proto options message: what the caller may pass and how it goes on the wire."""
+
+    name: str
+    default: Any
+    # int, float, a StrEnum class, or tuple for a list of (layer, weight) pairs.
+    kind: type
+    field: FieldDescriptor
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if issubclass(self.kind, StrEnum):
+            return tuple(member.value for member in self.kind)
+        if self.field.enum_type is not None:  # an enum the engine keeps as a plain string (formats)
+            return IMAGE_FORMATS
+        return ()
+
+    @property
+    def help(self) -> str:
+        return HELP[self.name]
+
+    def format_default(self) -> str:
+        if isinstance(self.default, tuple):
+            return " ".join(f"{name}:{weight:g}" for name, weight in self.default)
+        if isinstance(self.default, float):
+            return f"{self.default:.6g}"
+        return str(self.default)
+
+
+def _specs(defaults: object, message: type) -> dict[str, OptionSpec]:
+    descriptor = message.DESCRIPTOR
+    specs = {}
+    for f in fields(defaults):
+        value = getattr(defaults, f.name)
+        specs[f.name] = OptionSpec(f.name, value, type(value), descriptor.fields_by_name[f.name])
+    return specs
+
+
+STYLE_OPTIONS: dict[str, OptionSpec] = _specs(DEFAULTS, stylize_pb2.StyleOptions)
+PREVIEW_OPTIONS: dict[str, OptionSpec] = _specs(DEFAULT_PREVIEW, stylize_pb2.PreviewOptions)
+
+_UNSIGNED_MAX = {FieldDescriptor.TYPE_UINT32: 2**32 - 1, FieldDescriptor.TYPE_UINT64: 2**64 - 1}
+
+
+def _enum_prefix(enum: EnumDescriptor) -> str:
+    """ "STYLE_LOSS_" for StyleLoss: the proto's values are PREFIX + the engine's value in capitals."""
+    return enum.values_by_number[0].name.removesuffix("UNSPECIFIED")
+
+
+def enum_to_proto(enum: EnumDescriptor, choice: str) -> int:
+    return enum.values_by_name[_enum_prefix(enum) + choice.upper()].number
+
+
+def enum_from_proto(enum: EnumDescriptor, number: int) -> str | None:
+    """The engine's choice for a proto enum number; None for UNSPECIFIED (or a value this client lacks)."""
+    value = enum.values_by_number.get(number)
+    if value is None or number == 0:
+        return None
+    return value.name.removeprefix(_enum_prefix(enum)).lower()
+
+
+def parse_layers(value: object, field: str) -> tuple[Layers, list[FieldViolation]]:
+    """Layers given as "relu4_2", "relu4_2:0.5", ("relu4_2", 0.5), or an iterable of those."""
+    items: Iterable[object] = [value] if isinstance(value, str) else value  # type: ignore[assignment]
+    if not isinstance(items, Iterable) or isinstance(items, bytes):
+        return (), [FieldViolation(field, f"expected a list of LAYER or LAYER:WEIGHT, got {value!r}")]
+    layers: list[tuple[str, float]] = []
+    violations: list[FieldViolation] = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            name, _, weight_text = item.partition(":")
+            weight: object = weight_text or 1.0
+        elif isinstance(item, tuple | list) and len(item) == 2:
+            name, weight = item
+        else:
+            expected = "expected LAYER, LAYER:WEIGHT or (LAYER, WEIGHT)"
+            violations.append(FieldViolation(f"{field}[{index}]", f"{expected}, got {item!r}"))
+            continue
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            violations.append(FieldViolation(f"{field}[{index}].weight", f"is not a number: {weight!r}"))
+            continue
+        if not isinstance(name, str) or name not in VGG19_LAYERS:
+            violations.append(
+                FieldViolation(
+                    f"{field}[{index}].layer",
+                    f"unknown layer {name!r}; VGG19 layers are {', '.join(VGG19_LAYERS)}",
+                )
+            )
+        elif not math.isfinite(weight):
+            violations.append(FieldViolation(f"{field}[{index}].weight", f"must be finite, got {weight}"))
+        else:
+            layers.append((name, weight))
+    if not layers and not violations:
+        violations.append(FieldViolation(field, "must name at least one layer"))
+    return tuple(layers), violations
+
+
+def _check_scalar(spec: OptionSpec, value: object, field: str) -> tuple[object, FieldViolation | None]:
+    """The value as the proto field takes it, or a violation."""
+    if issubclass(spec.kind, StrEnum) or spec.choices:
+        choice = value.value if isinstance(value, StrEnum) else value
+        if not isinstance(choice, str) or choice.lower() not in spec.choices:
+            return None, FieldViolation(
+                field, f"unknown choice {value!r}; expected one of {', '.join(spec.choices)}"
+            )
+        return enum_to_proto(spec.field.enum_type, choice.lower()), None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None, FieldViolation(field, f"must be a number, got {value!r}")
+    if spec.kind is int:
+        if isinstance(value, float):
+            if not value.is_integer():
+                return None, FieldViolation(field, f"must be a whole number, got {value}")
+            value = int(value)
+        if value < 0:
+            return None, FieldViolation(field, f"must be >= 0, got {value}")
+        if value > _UNSIGNED_MAX[spec.field.type]:
+            return None, FieldViolation(field, f"must be <= {_UNSIGNED_MAX[spec.field.type]}, got {value}")
+        return value, None
+    if not math.isfinite(value):
+        return None, FieldViolation(field, f"must be finite, got {value}")
+    return float(value), None
+
+
+def _fill(message: Any, specs: dict[str, OptionSpec], values: Mapping[str, object], prefix: str) -> None:
+    violations: list[FieldViolation] = []
+    for name, value in values.items():
+        field = f"{prefix}.{name}"
+        spec = specs.get(name)
+        if spec is None:
+            violations.append(FieldViolation(field, f"unknown option; options are {', '.join(specs)}"))
+        elif spec.kind is tuple:
+            layers, problems = parse_layers(value, field)
+            violations += problems
+            for layer, weight in layers:
+                getattr(message, name).add(layer=layer, weight=weight)
+        else:
+            converted, problem = _check_scalar(spec, value, field)
+            if problem is None:
+                setattr(message, name, converted)
+            else:
+                violations.append(problem)
+    if violations:
+        raise InvalidArgument.of(violations)
+
+
+def style_options_to_proto(options: Mapping[str, object]) -> stylize_pb2.StyleOptions:
+    """StyleOptions with exactly the given options set; raises InvalidArgument listing every problem."""
+    message = stylize_pb2.StyleOptions()
+    _fill(message, STYLE_OPTIONS, options, "options")
+    return message
+
+
+def preview_options_to_proto(options: Mapping[str, object]) -> stylize_pb2.PreviewOptions:
+    """PreviewOptions with the given fields (every, max_size, format, quality) set."""
+    message = stylize_pb2.PreviewOptions()
+    _fill(message, PREVIEW_OPTIONS, options, "preview")
+    return message
+
+
+def _from_proto(message: Any, specs: dict[str, OptionSpec]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for name, spec in specs.items():
+        if spec.kind is tuple:
+            if getattr(message, name):
+                values[name] = tuple((lw.layer, lw.weight) for lw in getattr(message, name))
+        elif spec.field.enum_type is not None:
+            choice = enum_from_proto(spec.field.enum_type, getattr(message, name))
+            if choice is not None:
+                values[name] = spec.kind(choice) if issubclass(spec.kind, StrEnum) else choice
+        elif message.HasField(name):
+            values[name] = getattr(message, name)
+    return values
+
+
+def style_options_from_proto(message: stylize_pb2.StyleOptions) -> dict[str, object]:
+    """The options set in a StyleOptions message, by engine name (enums as the engine's StrEnums)."""
+    return _from_proto(message, STYLE_OPTIONS)
+
+
+def preview_options_from_proto(message: stylize_pb2.PreviewOptions) -> dict[str, object]:
+    return _from_proto(message, PREVIEW_OPTIONS)
+
+
+def image_format_to_proto(name: str, field: str) -> int:
+    if name.lower() not in IMAGE_FORMATS:
+        problem = f"unknown format {name!r}; expected one of {', '.join(IMAGE_FORMATS)}"
+        raise InvalidArgument.of([FieldViolation(field, problem)])
+    return enum_to_proto(stylize_pb2.ImageFormat.DESCRIPTOR, name.lower())
+
+
+def image_format_from_proto(number: int) -> str:
+    """ "png", "jpeg" or "webp"; PNG for UNSPECIFIED, the API's default encoding."""
+    return enum_from_proto(stylize_pb2.ImageFormat.DESCRIPTOR, number) or "png"
