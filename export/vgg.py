@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, VGG19_LAYERS, Padding, Pooling
 from torch import Tensor, nn
+
+from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, VGG19_LAYERS, Padding, Pooling
 
 # Output channels of each conv, "M" for a 2x2 pooling: torchvision's configuration "E" (VGG19).
 VGG19_CONFIG: tuple[int | str, ...] = (
@@ -203,6 +204,12 @@ class VGGFeatures(nn.Module):
             self.normalization,
         )
         return view.to(self.mean.device)
+
+    @property
+    def min_side(self) -> int:
+        """The smallest height and width the taps accept: each 2x2 pooling on the way halves the map."""
+        pools = sum(1 for name in VGG19_LAYERS[: self._depth] if name.startswith("pool"))
+        return 2**pools
 
     def load_weights(self, state_dict: Mapping[str, Tensor]) -> VGGFeatures:
         """Load torchvision-layout weights after checking every key and shape; returns self."""

@@ -1,0 +1,225 @@
+"""The model artifact: `vgg19.onnx` (graph and ALL weights) and `vgg19.json` (the manifest).
+
+Everything that runs the network reads it through `load_artifact`, which takes the
+weights back out of the ONNX file, so ONNX Runtime and the torch extractor built
+from it can never disagree about weights. The manifest records a canonical digest of
+those weights; a mismatch means the files do not belong together.
+
+Weight placement in the .onnx: convs the graph runs are ordinary initializers named
+`features.N.weight` / `features.N.bias`. Convs past the deepest tapped layer are not
+part of the graph, yet the artifact must carry them (the engine may tap any layer);
+ONNX has no slot for tensors the graph does not use (ONNX Runtime warns about and drops
+unused initializers on every load), so they ride as initializers of
+`training_info[0].initialization`, which inference runtimes ignore and onnx preserves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import Tensor
+
+from stylize.export.vgg import (
+    ModelError,
+    Normalization,
+    VGGFeatures,
+    expected_shapes,
+    resolve_layers,
+    validate_state_dict,
+)
+from stylize.server.engine.options import Padding, Pooling
+
+ONNX_FILENAME = "vgg19.onnx"
+MANIFEST_FILENAME = "vgg19.json"
+MANIFEST_FORMAT = 1
+ARCH = "vgg19"
+INPUT_NAME = "image"
+
+
+class ArtifactError(ValueError):
+    """A model directory that cannot be used; the message is one line naming the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What `vgg19.json` records about the export, so nobody mistakes one artifact for another."""
+
+    arch: str
+    weights: str  # imagenet | caffe | file | random
+    weights_source: str  # URL, file path, or "seed=N"
+    weights_sha256: str | None  # of the file the weights came from; None for random weights
+    state_dict_sha256: str  # state_dict_digest of the weights stored in the .onnx
+    normalization: Normalization
+    pooling: str
+    padding: str
+    layers: tuple[str, ...]
+    opset: int
+    torch_version: str
+    onnx_version: str
+    exported_at: str  # ISO 8601, UTC
+    input_name: str = INPUT_NAME
+    output_names: tuple[str, ...] = ()
+    format: int = MANIFEST_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        """Parse a manifest; ValueError (one line) names the first missing or malformed field."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        known = {f.name for f in fields(cls)}
+        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name in _REQUIRED)
+        if missing:
+            raise ValueError(f"missing field {missing[0]!r}")
+        values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        try:
+            values["normalization"] = _normalization(values["normalization"])
+            for name in ("layers", "output_names"):
+                if name in values:
+                    values[name] = tuple(str(v) for v in values[name])
+            manifest = cls(**values)
+        except (TypeError, KeyError) as error:
+            raise ValueError(f"malformed field: {error}") from None
+        if manifest.format != MANIFEST_FORMAT:
+            raise ValueError(f"format {manifest.format} is not the supported {MANIFEST_FORMAT}")
+        try:
+            resolve_layers(manifest.layers)
+            Pooling(manifest.pooling)
+            Padding(manifest.padding)
+        except ValueError as error:  # ModelError is one
+            raise ValueError(str(error)) from None
+        return manifest
+
+
+_REQUIRED = {f.name for f in fields(Manifest) if f.default is MISSING and f.default_factory is MISSING}
+
+
+def _normalization(data: Mapping[str, Any]) -> Normalization:
+    return Normalization(
+        name=str(data["name"]),
+        mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+        scale=float(data["scale"]),
+        bgr=bool(data["bgr"]),
+    )
+
+
+def state_dict_digest(state_dict: Mapping[str, Tensor]) -> str:
+    """sha256 over the sorted keys, each with its shape and fp32 little-endian bytes.
+
+    Independent of how the tensors were stored (pickle, ONNX, another dtype that
+    converts exactly), so the digest of the weights exported equals the digest of the
+    weights read back from the .onnx.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        array = state_dict[key].detach().to(torch.float32).cpu().contiguous().numpy()
+        digest.update(f"{key}:{list(array.shape)}\n".encode())
+        digest.update(array.astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def weight_initializers(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    """Every initializer of the graph and of the training-info initialization graphs."""
+    yield from model.graph.initializer
+    for info in model.training_info:
+        yield from info.initialization.initializer
+
+
+@dataclass(frozen=True)
+class Artifact:
+    manifest: Manifest
+    onnx_path: Path
+    state_dict: dict[str, Tensor]
+
+    def build_extractor(
+        self, *, layers: Iterable[str] | None = None, pooling: str | None = None, padding: str | None = None
+    ) -> VGGFeatures:
+        """A torch extractor with the artifact's weights and normalization; defaults are the artifact's."""
+        return VGGFeatures(
+            self.manifest.layers if layers is None else layers,
+            pooling=self.manifest.pooling if pooling is None else pooling,
+            padding=self.manifest.padding if padding is None else padding,
+            normalization=self.manifest.normalization,
+        ).load_weights(self.state_dict)
+
+
+def read_manifest(model_dir: Path) -> Manifest:
+    path = model_dir / MANIFEST_FILENAME
+    try:
+        return Manifest.from_json(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{path} not found; create the artifact with stylize-export --out {model_dir}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"cannot read {path}: {error}") from None
+    except ValueError as error:  # json.JSONDecodeError is one
+        raise ArtifactError(f"{path} is not a valid manifest: {error}") from None
+
+
+def read_onnx(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found; create the artifact with stylize-export --out {path.parent}")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as error:  # protobuf DecodeError, checker ValidationError, ...: all mean "corrupt"
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise ArtifactError(f"{path} is not a valid ONNX model (corrupt or truncated?): {reason}") from None
+    return model
+
+
+def state_dict_from_onnx(model: onnx.ModelProto, path: Path) -> dict[str, Tensor]:
+    """The VGG19 weights stored in an exported model, validated key by key and shape by shape."""
+    wanted = expected_shapes()
+    state = {
+        t.name: torch.from_numpy(np.array(numpy_helper.to_array(t), dtype=np.float32))
+        for t in weight_initializers(model)
+        if t.name in wanted
+    }
+    try:
+        validate_state_dict(state)
+    except ModelError as error:
+        raise ArtifactError(f"{path}: {error}") from None
+    return state
+
+
+def _check_interface(model: onnx.ModelProto, manifest: Manifest, path: Path) -> None:
+    inputs = [i.name for i in model.graph.input]
+    outputs = tuple(o.name for o in model.graph.output)
+    if inputs != [manifest.input_name]:
+        raise ArtifactError(f"{path} has inputs {inputs}, the manifest says [{manifest.input_name!r}]")
+    if outputs != manifest.output_names:
+        raise ArtifactError(
+            f"{path} has outputs {list(outputs)}, the manifest says {list(manifest.output_names)}"
+        )
+
+
+def load_artifact(model_dir: str | Path) -> Artifact:
+    """Read and cross-check the manifest and the .onnx of a model directory."""
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    onnx_path = model_dir / ONNX_FILENAME
+    model = read_onnx(onnx_path)
+    _check_interface(model, manifest, onnx_path)
+    state = state_dict_from_onnx(model, onnx_path)
+    digest = state_dict_digest(state)
+    if digest != manifest.state_dict_sha256:
+        raise ArtifactError(
+            f"{onnx_path} weights digest {digest[:16]}... disagrees with {MANIFEST_FILENAME}'s "
+            f"state_dict_sha256 {manifest.state_dict_sha256[:16]}...; the files are not from one export"
+        )
+    return Artifact(manifest, onnx_path, state)

@@ -1,0 +1,214 @@
+"""`stylize-export`: build the VGG19 artifact, then prove it before putting it in place.
+
+The files are written to a staging directory inside --out and read back through
+`load_artifact`, the same reader the server uses; the torch extractor rebuilt from the
+.onnx initializers must reproduce the exported module exactly, and ONNX Runtime (CPU)
+must match torch on two image sizes within the tolerance. Only then do the files replace
+--out/vgg19.onnx and --out/vgg19.json, so a failed export never leaves a half artifact.
+
+Exit codes: 0 done; 1 the export or its verification failed; 2 bad input (arguments,
+weights, output directory). Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from stylize.export.artifact import MANIFEST_FILENAME, ONNX_FILENAME, Artifact, ArtifactError, load_artifact
+from stylize.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportError, export_artifact
+from stylize.export.parity import DEFAULT_TOLERANCE, ParityRow, compare, format_table, worst
+from stylize.export.vgg import NORMALIZATIONS, ModelError, VGGFeatures, resolve_layers
+from stylize.export.weights import WeightsError, one_line, resolve_weights
+from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, Padding, Pooling
+
+PROG = "stylize-export"
+# (height, width) of the verification probes: a square and an odd landscape size whose sides
+# are not powers of two, so floor-rounding in the pooling layers is exercised.
+PROBE_SIZES: tuple[tuple[int, int], ...] = ((64, 64), (136, 200))
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+class UsageError(Exception):
+    """Bad input: exit code 2."""
+
+
+class VerificationError(Exception):
+    """The artifact was built but does not hold up: exit code 1."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(
+        prog=PROG, description="Export VGG19 features to vgg19.onnx + vgg19.json and verify."
+    )
+    parser.add_argument(
+        "--weights",
+        required=True,
+        metavar="{imagenet,caffe,random,auto,PATH}",
+        help="imagenet: torchvision's (downloaded to the torch hub cache); caffe: neural-style's converted "
+        "Caffe VGG19; random: seeded, for tests; auto: imagenet, else random with a warning; PATH: a .pth "
+        "state dict with torchvision's features.N.* keys",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="model directory to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        default=list(DEFAULT_EXPORT_LAYERS),
+        help="tapped layers, space or comma separated (default: %(default)s)",
+    )
+    parser.add_argument("--pooling", choices=[p.value for p in Pooling], default=Pooling.MAX.value)
+    parser.add_argument("--padding", choices=[p.value for p in Padding], default=Padding.ZEROS.value)
+    parser.add_argument(
+        "--normalization",
+        choices=sorted(NORMALIZATIONS),
+        default=None,
+        help="input normalization for a weights PATH or random weights (default imagenet)",
+    )
+    max_opset = onnx.defs.onnx_opset_version()
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        choices=range(MIN_OPSET, max_opset + 1),
+        metavar=f"{{{MIN_OPSET}..{max_opset}}}",
+    )
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max relative error")
+    args = parser.parse_args(argv)
+    args.layers = [name for item in args.layers for name in item.split(",") if name]
+    return args
+
+
+def probe(height: int, width: int) -> torch.Tensor:
+    return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(height * 1000 + width))
+
+
+def check_round_trip(artifact: Artifact, exported: VGGFeatures) -> None:
+    """The extractor rebuilt from the .onnx initializers must equal the exported module exactly."""
+    rebuilt = artifact.build_extractor()
+    image = probe(*PROBE_SIZES[0])
+    with torch.no_grad():
+        expected, actual = exported(image), rebuilt(image)
+    for layer in exported.layers:
+        if not torch.equal(expected[layer], actual[layer]):
+            raise VerificationError(f"extractor rebuilt from {artifact.onnx_path} differs at {layer}")
+
+
+def onnx_runtime_parity(artifact: Artifact, exported: VGGFeatures) -> list[tuple[str, list[ParityRow]]]:
+    """(size label, rows) per probe size: ONNX Runtime on CPU against the exported torch module."""
+    session = ort.InferenceSession(str(artifact.onnx_path), providers=[CPU_PROVIDER])
+    if session.get_providers() != [CPU_PROVIDER]:
+        raise VerificationError(f"ONNX Runtime runs on {session.get_providers()}, expected [{CPU_PROVIDER}]")
+    names = [output.name for output in session.get_outputs()]
+    results = []
+    for height, width in PROBE_SIZES:
+        image = probe(height, width)
+        with torch.no_grad():
+            reference = {k: v.numpy() for k, v in exported(image).items()}
+        candidate = dict(
+            zip(names, session.run(names, {artifact.manifest.input_name: image.numpy()}), strict=True)
+        )
+        results.append((f"{height}x{width}", compare(reference, candidate)))
+    return results
+
+
+def build(args: argparse.Namespace, staging: Path) -> tuple[Artifact, VGGFeatures]:
+    try:
+        layers = resolve_layers(args.layers)
+        normalization = NORMALIZATIONS[args.normalization] if args.normalization else None
+        weights = resolve_weights(args.weights, seed=args.seed, normalization=normalization)
+        extractor = VGGFeatures(
+            layers, pooling=args.pooling, padding=args.padding, normalization=weights.normalization
+        ).load_weights(weights.state_dict)
+    except (ModelError, WeightsError) as error:
+        raise UsageError(str(error)) from None
+    try:
+        export_artifact(extractor, weights, staging, opset=args.opset)
+    except ExportError as error:
+        raise VerificationError(str(error)) from None
+    except Exception as error:  # the exporter's own failures: report them in one line, exit 1
+        raise VerificationError(f"ONNX export failed: {type(error).__name__}: {one_line(error)}") from None
+    try:
+        return load_artifact(staging), extractor
+    except ArtifactError as error:
+        raise VerificationError(f"the exported artifact does not load back: {error}") from None
+
+
+def make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"cannot write to output directory {out}: {error.strerror or one_line(error)}"
+        ) from None
+
+
+def run(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    make_out_dir(args.out)
+    staging = Path(tempfile.mkdtemp(prefix=".vgg19-export-", dir=args.out))
+    try:
+        artifact, extractor = build(args, staging)
+        check_round_trip(artifact, extractor)
+        tables = onnx_runtime_parity(artifact, extractor)
+        for label, rows in tables:
+            print(f"ONNX Runtime ({CPU_PROVIDER}) vs torch, image 1x3x{label}, relative error:")
+            print(format_table(rows, args.tolerance))
+        failed = [(label, row) for label, rows in tables for row in rows if not row.passed(args.tolerance)]
+        if failed:
+            label, row = max(failed, key=lambda item: np.nan_to_num(item[1].relative_error, nan=np.inf))
+            raise VerificationError(
+                f"parity failed: {len(failed)} check(s) over tolerance {args.tolerance:.0e}, "
+                f"worst {row.layer} "
+                f"{row.quantity} at {label}: {row.relative_error:.2e}"
+            )
+        for name in (ONNX_FILENAME, MANIFEST_FILENAME):
+            os.replace(staging / name, args.out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest = artifact.manifest
+    print(
+        f"wrote {args.out / ONNX_FILENAME} and {args.out / MANIFEST_FILENAME}: weights {manifest.weights} "
+        f"({manifest.weights_source}), layers {' '.join(manifest.layers)}, opset {manifest.opset}; "
+        f"max relative error {max(worst(rows) for _, rows in tables):.2e}; "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except VerificationError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
