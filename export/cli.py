@@ -1,5 +1,7 @@
 """`stylize-export`: build the VGG19 artifact, then prove it before putting it in place.
 
+`stylize-export --check DIR` runs the same checks on an existing artifact.
+
 The files are written to a staging directory inside --out and read back through
 `load_artifact`, the same reader the server uses; the torch extractor rebuilt from the
 .onnx initializers must reproduce the exported module exactly, and ONNX Runtime (CPU)
@@ -27,7 +29,14 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from stylize.export.artifact import MANIFEST_FILENAME, ONNX_FILENAME, Artifact, ArtifactError, load_artifact
+from stylize.export.artifact import (
+    MANIFEST_FILENAME,
+    ONNX_FILENAME,
+    Artifact,
+    ArtifactError,
+    Manifest,
+    load_artifact,
+)
 from stylize.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportError, export_artifact
 from stylize.export.parity import DEFAULT_TOLERANCE, ParityRow, compare, format_table, worst
 from stylize.export.vgg import NORMALIZATIONS, ModelError, VGGFeatures, resolve_layers
@@ -56,17 +65,22 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
-        prog=PROG, description="Export VGG19 features to vgg19.onnx + vgg19.json and verify."
+        prog=PROG, description="Export VGG19 features to vgg19.onnx + vgg19.json and verify them."
     )
     parser.add_argument(
         "--weights",
-        required=True,
         metavar="{imagenet,caffe,random,auto,PATH}",
         help="imagenet: torchvision's (downloaded to the torch hub cache); caffe: neural-style's converted "
         "Caffe VGG19; random: seeded, for tests; auto: imagenet, else random with a warning; PATH: a .pth "
         "state dict with torchvision's features.N.* keys",
     )
-    parser.add_argument("--out", required=True, type=Path, help="model directory to write")
+    parser.add_argument("--out", type=Path, help="model directory to write")
+    parser.add_argument(
+        "--check",
+        type=Path,
+        metavar="DIR",
+        help="instead of exporting, verify the artifact in DIR (load it, ONNX Runtime vs torch)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
     parser.add_argument(
         "--layers",
@@ -92,6 +106,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max relative error")
     args = parser.parse_args(argv)
+    if args.check is None and (args.weights is None or args.out is None):
+        parser.error("--weights and --out are required (or --check DIR)")
+    if args.check is not None and (args.weights is not None or args.out is not None):
+        parser.error("--check takes no --weights or --out")
     args.layers = [name for item in args.layers for name in item.split(",") if name]
     return args
 
@@ -113,7 +131,10 @@ def check_round_trip(artifact: Artifact, exported: VGGFeatures) -> None:
 
 def onnx_runtime_parity(artifact: Artifact, exported: VGGFeatures) -> list[tuple[str, list[ParityRow]]]:
     """(size label, rows) per probe size: ONNX Runtime on CPU against the exported torch module."""
-    session = ort.InferenceSession(str(artifact.onnx_path), providers=[CPU_PROVIDER])
+    try:
+        session = ort.InferenceSession(str(artifact.onnx_path), providers=[CPU_PROVIDER])
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise VerificationError(f"ONNX Runtime cannot load the export: {one_line(error)[:400]}") from None
     if session.get_providers() != [CPU_PROVIDER]:
         raise VerificationError(f"ONNX Runtime runs on {session.get_providers()}, expected [{CPU_PROVIDER}]")
     names = [output.name for output in session.get_outputs()]
@@ -162,42 +183,61 @@ def make_out_dir(out: Path) -> None:
         ) from None
 
 
-def run(args: argparse.Namespace) -> None:
+def verify_parity(artifact: Artifact, reference: VGGFeatures, tolerance: float) -> float:
+    """Print the parity tables; VerificationError naming the worst check over tolerance. Returns the worst."""
+    tables = onnx_runtime_parity(artifact, reference)
+    for label, rows in tables:
+        print(f"ONNX Runtime ({CPU_PROVIDER}) vs torch, image 1x3x{label}, relative error:")
+        print(format_table(rows, tolerance))
+    failed = [(label, row) for label, rows in tables for row in rows if not row.passed(tolerance)]
+    if failed:
+        label, row = max(failed, key=lambda item: np.nan_to_num(item[1].relative_error, nan=np.inf))
+        raise VerificationError(
+            f"parity failed: {len(failed)} check(s) over tolerance {tolerance:.0e}, "
+            f"worst {row.layer} {row.quantity} at {label}: {row.relative_error:.2e}"
+        )
+    return max(worst(rows) for _, rows in tables)
+
+
+def describe(manifest: Manifest) -> str:
+    return (
+        f"weights {manifest.weights} ({manifest.weights_source}), layers {' '.join(manifest.layers)}, "
+        f"pooling {manifest.pooling}, opset {manifest.opset}"
+    )
+
+
+def export(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     make_out_dir(args.out)
     staging = Path(tempfile.mkdtemp(prefix=".vgg19-export-", dir=args.out))
     try:
         artifact, extractor = build(args, staging)
         check_round_trip(artifact, extractor)
-        tables = onnx_runtime_parity(artifact, extractor)
-        for label, rows in tables:
-            print(f"ONNX Runtime ({CPU_PROVIDER}) vs torch, image 1x3x{label}, relative error:")
-            print(format_table(rows, args.tolerance))
-        failed = [(label, row) for label, rows in tables for row in rows if not row.passed(args.tolerance)]
-        if failed:
-            label, row = max(failed, key=lambda item: np.nan_to_num(item[1].relative_error, nan=np.inf))
-            raise VerificationError(
-                f"parity failed: {len(failed)} check(s) over tolerance {args.tolerance:.0e}, "
-                f"worst {row.layer} "
-                f"{row.quantity} at {label}: {row.relative_error:.2e}"
-            )
+        error = verify_parity(artifact, extractor, args.tolerance)
         for name in (ONNX_FILENAME, MANIFEST_FILENAME):
             os.replace(staging / name, args.out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest = artifact.manifest
     print(
-        f"wrote {args.out / ONNX_FILENAME} and {args.out / MANIFEST_FILENAME}: weights {manifest.weights} "
-        f"({manifest.weights_source}), layers {' '.join(manifest.layers)}, opset {manifest.opset}; "
-        f"max relative error {max(worst(rows) for _, rows in tables):.2e}; "
+        f"wrote {args.out / ONNX_FILENAME} and {args.out / MANIFEST_FILENAME}: "
+        f"{describe(artifact.manifest)}; max relative error {error:.2e}; "
         f"{time.perf_counter() - started:.1f} s"
     )
+
+
+def check(args: argparse.Namespace) -> None:
+    try:
+        artifact = load_artifact(args.check)
+    except ArtifactError as error:
+        raise UsageError(str(error)) from None
+    error = verify_parity(artifact, artifact.build_extractor(), args.tolerance)
+    print(f"{args.check}: {describe(artifact.manifest)}; max relative error {error:.2e}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        check(args) if args.check is not None else export(args)
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

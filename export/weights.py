@@ -13,7 +13,7 @@ import re
 import socket
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -151,12 +151,14 @@ def fetch(remote: RemoteWeights) -> ResolvedWeights:
     if cached.is_file() and not file_sha256(cached).startswith(remote.hash_prefix):
         raise WeightsError(f"cached {cached} does not match sha256 prefix {remote.hash_prefix}; delete it")
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+        # torch.hub reports "Downloading ..." (and its progress bar) on stderr; that is progress, not
+        # an error, and stderr is kept for the one-line error when something fails.
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S), redirect_stderr(sys.stdout):
             loaded = torch.hub.load_state_dict_from_url(
                 remote.url,
                 map_location="cpu",
                 check_hash=True,
-                progress=sys.stderr.isatty(),
+                progress=sys.stdout.isatty(),
                 weights_only=True,
             )
     except (URLError, OSError) as error:  # URLError, HTTPError, timeouts, refused connections
