@@ -19,7 +19,7 @@ TIMEOUT_SECONDS = 4.0
 
 
 def check(address: str, service: str = SERVICE, timeout: float = TIMEOUT_SECONDS) -> str:
-    """The health status name ("SERVING", "NOT_SERVING", ...) or the gRPC error code name when the call fails."""
+    """The health status name ("SERVING", "NOT_SERVING", ...), or the gRPC code name if the call fails."""
     with grpc.insecure_channel(address) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(

@@ -1,0 +1,230 @@
+"""The Kubernetes manifests: rendered by real kustomize, validated offline and strictly against the schemas.
+
+Built-in kinds are checked by kubernetes-validate (the Kubernetes OpenAPI schemas, strict: unknown fields
+fail). The ServiceMonitor is a prometheus-operator CRD that kubernetes-validate has no schema for; it is
+checked against the pydantic models generated from the operator's CRDs (cloudcoil-models-prometheus-operator),
+with unknown fields rejected by comparing the validated model's dump with the input.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+
+from stylize.server.config import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+OVERLAYS = {"base": DEPLOY / "k8s" / "base", "gpu": DEPLOY / "k8s" / "overlays" / "gpu"}
+ENSURE_TOOLS = DEPLOY / "tools" / "ensure-tools.sh"
+# The oldest Kubernetes these manifests support: native gRPC probes are GA since 1.27, the preStop `sleep`
+# action is on by default since 1.30.
+KUBERNETES_VERSION = "1.30"
+HEALTH_SERVICE = "stylize.v1.StyleTransfer"
+
+
+@cache
+def kubectl() -> str:
+    result = subprocess.run(["bash", str(ENSURE_TOOLS), "kubectl"], capture_output=True, text=True)
+    if result.returncode == 3:
+        pytest.skip(f"no kustomize can be installed here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+@cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(OVERLAYS[overlay])], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def find(objects: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objects: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = find(objects, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+def server_container(objects: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    (container,) = one(objects, "Deployment", "stylize")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in container["env"]}
+
+
+def unknown_fields(given: Any, accepted: Any, path: str = "") -> list[str]:
+    """Paths present in `given` but dropped by the model (pydantic ignores unknown fields)."""
+    if isinstance(given, dict):
+        accepted = accepted if isinstance(accepted, dict) else {}
+        return [
+            item
+            for key, value in given.items()
+            for item in (
+                [f"{path}.{key}"]
+                if key not in accepted
+                else unknown_fields(value, accepted[key], f"{path}.{key}")
+            )
+        ]
+    if isinstance(given, list):
+        accepted = accepted if isinstance(accepted, list) else []
+        return [
+            item
+            for index, value in enumerate(given)
+            for item in unknown_fields(
+                value, accepted[index] if index < len(accepted) else None, f"{path}[{index}]"
+            )
+        ]
+    return []
+
+
+def validate_service_monitor(document: dict[str, Any]) -> None:
+    model = ServiceMonitor.model_validate(document)  # types, required fields, enums: raises on violation
+    dumped = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    assert unknown_fields(document, dumped) == [], "fields the ServiceMonitor CRD does not define"
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_every_rendered_object_validates_strictly(overlay: str) -> None:
+    objects = render(overlay)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "Namespace",
+            "PodDisruptionBudget",
+            "Service",
+            "Service",
+            "ServiceMonitor",
+        ]
+    )
+    for document in objects:
+        if document["kind"] == "ServiceMonitor":
+            validate_service_monitor(document)
+        else:
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_strict_validation_rejects_an_unknown_field() -> None:
+    """The validators used above do fail on a misspelt field (so their passing means something)."""
+    deployment = dict(one(render("base"), "Deployment"))
+    deployment["spec"] = {**deployment["spec"], "replica": 2}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    monitor = one(render("base"), "ServiceMonitor")
+    endpoint = {**monitor["spec"]["endpoints"][0], "intervall": "15s"}
+    with pytest.raises(AssertionError, match="does not define"):
+        validate_service_monitor({**monitor, "spec": {**monitor["spec"], "endpoints": [endpoint]}})
+
+
+def test_gpu_overlay_asks_for_one_gpu_per_replica() -> None:
+    container = server_container(render("gpu"))
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert env_of(container)["STYLIZE_DEVICE"] == "cuda"
+    assert "nvidia.com/gpu" not in server_container(render("base"))["resources"].get("limits", {})
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_probes_use_the_grpc_health_service(overlay: str) -> None:
+    container = server_container(render(overlay))
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    assert env_of(container)["STYLIZE_PORT"] == str(grpc_port)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == grpc_port, probe
+    assert container["readinessProbe"]["grpc"]["service"] == HEALTH_SERVICE
+    assert container["startupProbe"]["grpc"]["service"] == HEALTH_SERVICE
+    startup = container["startupProbe"]
+    # Model load, parity probe and a cold TensorRT engine build take minutes.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_termination_grace_outlasts_the_server_drain(overlay: str) -> None:
+    pod = one(render(overlay), "Deployment")["spec"]["template"]["spec"]
+    container = server_container(render(overlay))
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = float(env_of(container)["STYLIZE_GRACE_SECONDS"])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + grace
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_env_names_and_values_are_accepted_by_the_server(overlay: str) -> None:
+    """Each STYLIZE_* variable is a stylize-server flag and its value parses (a typo would be ignored)."""
+    environ = env_of(server_container(render(overlay)))
+    flags = {
+        "STYLIZE_" + action.option_strings[0].lstrip("-").replace("-", "_").upper(): action
+        for action in build_parser()._actions
+        if action.option_strings and action.dest != "help"
+    }
+    for name, value in environ.items():
+        assert name.startswith("STYLIZE_"), name
+        assert name in flags, f"{name} is not a stylize-server flag"
+        action = flags[name]
+        parsed = action.type(value) if action.type else value
+        assert action.choices is None or parsed in action.choices, f"{name}={value}"
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_pod_runs_as_non_root_on_a_read_only_root_with_writable_caches(overlay: str) -> None:
+    pod = one(render(overlay), "Deployment")["spec"]["template"]["spec"]
+    container = server_container(render(overlay))
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    writable = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in empty_dirs]
+    trt_cache = Path(env_of(container)["STYLIZE_TRT_CACHE_DIR"])
+    assert any(trt_cache.is_relative_to(path) for path in writable), (trt_cache, writable)
+    assert "/tmp" in writable
+
+
+def test_services_headless_for_grpc_and_normal_for_metrics() -> None:
+    objects = render("base")
+    deployment = one(objects, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    grpc_service = one(objects, "Service", "stylize")
+    metrics_service = one(objects, "Service", "stylize-metrics")
+    assert grpc_service["spec"]["clusterIP"] == "None"
+    assert "clusterIP" not in metrics_service["spec"]
+    for service in (grpc_service, metrics_service):
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert [p["name"] for p in metrics_service["spec"]["ports"]] == ["metrics"]
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics_service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_pdb_and_hpa_target_the_deployment() -> None:
+    objects = render("base")
+    deployment = one(objects, "Deployment")
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    hpa = one(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "stylize"}
+    (metric,) = hpa["spec"]["metrics"]
+    adapter = yaml.safe_load((DEPLOY / "prometheus" / "adapter-values.yaml").read_text())
+    served = [rule["name"]["as"] for rule in adapter["rules"]["custom"]]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in served
+
+
+def test_dashboard_configmap_is_generated_from_the_dashboard_file() -> None:
+    for overlay in OVERLAYS:
+        configmap = one(render(overlay), "ConfigMap", "stylize-grafana-dashboard")
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert configmap["data"] == {"stylize.json": (DEPLOY / "grafana" / "stylize.json").read_text()}
