@@ -118,12 +118,9 @@ def test_configured_shares_parameters():
 
 
 def test_random_weights_are_seeded_and_keep_activations_alive():
-    assert all(
-        torch.equal(a, b) for a, b in zip(random_state_dict(3).values(), random_state_dict(3).values())
-    )
-    assert not torch.equal(
-        random_state_dict(3)["features.0.weight"], random_state_dict(4)["features.0.weight"]
-    )
+    first, again, other = random_state_dict(3), random_state_dict(3), random_state_dict(4)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["features.0.weight"], other["features.0.weight"])
     model = VGGFeatures(["relu5_1", "relu5_4"]).load_weights(random_state_dict(0))
     out = model(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
     for name, features in out.items():
