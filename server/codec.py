@@ -1,0 +1,80 @@
+"""Decoding request images safely and encoding results.
+
+Decoding untrusted bytes is the service's main attack surface. Checks, in order: the encoded size, the
+format (PNG, JPEG or WebP only), then the pixel count from the header BEFORE the pixels are decoded (a
+20 kB PNG can inflate to gigabytes: a decompression bomb), then the decode itself (truncated or corrupt
+data). Every failure names the request field.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stylize.server.engine.options import FieldViolation, OptionsError
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+ENCODINGS = ("png", "jpeg", "webp")
+
+
+def _reject(field: str, description: str) -> OptionsError:
+    return OptionsError([FieldViolation(field, description)])
+
+
+def decode_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode `data` (upright per EXIF), raising OptionsError naming `field` when it is unusable."""
+    if not data:
+        raise _reject(field, "is required: encoded PNG, JPEG or WebP bytes")
+    if len(data) > max_bytes:
+        raise _reject(field, f"is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit (below) is stricter than PIL's warning threshold.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError:
+        # PIL refuses headers over twice its own threshold before we can read the size.
+        raise _reject(field, f"has more than {max_pixels} pixels (a decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise _reject(field, "is not a PNG, JPEG or WebP image") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise _reject(field, f"has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise _reject(field, f"is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    try:
+        image.load()
+        # Upright now, so the size the schedule plans with is the size the engine sees. Colour modes and
+        # alpha are left to the engine's pil_to_tensor (one policy for every caller).
+        upright = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError) as error:
+        # PIL reports truncated or corrupt streams as OSError ("image file is truncated"), SyntaxError
+        # (broken PNG chunks) or ValueError.
+        raise _reject(field, f"could not be decoded (truncated or corrupt): {error}") from None
+    return upright
+
+
+def fit_within(image: Image.Image, max_size: int) -> Image.Image:
+    """Shrink so the longest edge is at most `max_size` (0: unchanged); never enlarges."""
+    if max_size <= 0 or max(image.size) <= max_size:
+        return image
+    scale = max_size / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def encode_image(image: Image.Image, encoding: str, *, quality: int = 85, max_size: int = 0) -> bytes:
+    """Encode as png, jpeg or webp; `quality` applies to the lossy formats."""
+    image = fit_within(image, max_size)
+    buffer = io.BytesIO()
+    if encoding == "png":
+        image.save(buffer, format="PNG", compress_level=6)
+    elif encoding == "jpeg":
+        image.save(buffer, format="JPEG", quality=quality)
+    elif encoding == "webp":
+        image.save(buffer, format="WEBP", quality=quality, method=4)
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
+    return buffer.getvalue()

@@ -1,0 +1,236 @@
+"""The server's configuration: command-line flags, each with a matching STYLIZE_* environment variable.
+
+Precedence: a flag on the command line beats its environment variable, which beats the default.
+The engine's limits take their defaults from stylize.server.engine.options.Limits (defined once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stylize.server.engine.options import DEFAULT_LIMITS, Limits
+
+ENV_PREFIX = "STYLIZE_"
+# 9090 is Prometheus's own port; 9464 is the port OpenTelemetry's Prometheus exporter uses by convention.
+DEFAULT_METRICS_PORT = 9464
+# Large enough for a maximum-size input image plus a few styles; the client sets the same.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+PROVIDER_CHOICES = ("tensorrt", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = DEFAULT_METRICS_PORT
+    workers: int = 1
+    max_queue: int = 16
+    device: str = "auto"
+    # "auto", or an ordered subset of PROVIDER_CHOICES.
+    providers: tuple[str, ...] = ("auto",)
+    trt_cache_dir: Path | None = None
+    grace_seconds: float = 30.0
+    on_parity_failure: str = "fail"
+    parity_tolerance: float = 1e-3
+    finished_job_ttl: float = 300.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+    log_level: str = "INFO"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port 0..65535 (0 picks a free one), got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _providers(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip().lower() for name in text.split(",") if name.strip())
+    if names == ("auto",):
+        return names
+    unknown = [name for name in names if name not in PROVIDER_CHOICES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a comma-separated list of {','.join(PROVIDER_CHOICES)}, got {text!r}"
+        )
+    return names
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stylize-server",
+        description="Neural style transfer as a streaming gRPC service (stylize.v1.StyleTransfer). "
+        f"Every flag can also be set by an environment variable {ENV_PREFIX}<FLAG> "
+        f"(for example --max-queue as {ENV_PREFIX}MAX_QUEUE); a flag beats its variable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add(
+        "--model-dir",
+        type=Path,
+        help="directory holding vgg19.onnx and vgg19.json from stylize-export (required)",
+    )
+    add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 or [::] in a container)")
+    add("--port", type=_port, default=50051, help="gRPC port; 0 picks a free one (printed at start-up)")
+    add(
+        "--metrics-port",
+        type=_port,
+        default=DEFAULT_METRICS_PORT,
+        help="Prometheus /metrics port (9090 is Prometheus's own); 0 picks a free one",
+    )
+    add(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="worker threads, one per device (cuda:0..N-1 on GPUs)",
+    )
+    add("--max-queue", type=_positive_int, default=16, help="jobs that may wait; more get RESOURCE_EXHAUSTED")
+    add(
+        "--device",
+        type=_device,
+        default="auto",
+        help="torch device: auto (cuda if present), cpu, cuda, cuda:N",
+    )
+    add(
+        "--providers",
+        type=_providers,
+        default=("auto",),
+        help="ONNX Runtime execution providers in order, e.g. tensorrt,cuda,cpu; auto = tensorrt,cuda,cpu "
+        "with a GPU, cpu without. Named providers that do not really run abort start-up",
+    )
+    add(
+        "--trt-cache-dir",
+        type=Path,
+        default=None,
+        help="TensorRT engine cache (default: MODEL_DIR/trt-cache)",
+    )
+    add(
+        "--grace-seconds",
+        type=_non_negative_float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, time in-flight jobs get to finish before they are cancelled",
+    )
+    add(
+        "--on-parity-failure",
+        choices=("fail", "torch"),
+        default="fail",
+        help="when ONNX Runtime and torch disagree at start-up: stay NOT_SERVING (fail) or serve with "
+        "targets computed by torch (torch)",
+    )
+    add(
+        "--parity-tolerance",
+        type=_non_negative_float,
+        default=1e-3,
+        help="largest relative error max|ort-torch|/max|torch| the start-up probe accepts (per layer, Gram)",
+    )
+    add(
+        "--finished-job-ttl",
+        type=_non_negative_float,
+        default=300.0,
+        help="seconds a finished job stays watchable",
+    )
+    add(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="gRPC send/receive message limit",
+    )
+    limits = DEFAULT_LIMITS
+    add("--max-size", type=_positive_int, default=limits.max_size, help="largest output edge in pixels")
+    add("--max-pixels", type=_positive_int, default=limits.max_pixels, help="largest output width*height")
+    add("--max-iterations", type=_positive_int, default=limits.max_iterations, help="most iterations per job")
+    add("--max-styles", type=_positive_int, default=limits.max_styles, help="most style images per job")
+    add(
+        "--max-image-bytes",
+        type=_positive_int,
+        default=limits.max_image_bytes,
+        help="largest encoded input image",
+    )
+    add(
+        "--max-input-pixels",
+        type=_positive_int,
+        default=limits.max_input_pixels,
+        help="largest decoded input image (width*height, checked from the header before decoding)",
+    )
+    add("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
+    return parser
+
+
+def _env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Use STYLIZE_<FLAG> as the default of --flag, parsed by the flag's own type so errors read the same."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        variable = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+        if variable not in environ:
+            continue
+        text = environ[variable]
+        try:
+            value = action.type(text) if action.type else text
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            parser.error(f"{variable}={text!r}: {error}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"{variable}={text!r}: choose from {', '.join(map(str, action.choices))}")
+        action.default = value
+        action.required = False
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Parse flags and STYLIZE_* variables; argparse exits with code 2 and a one-line message on bad input."""
+    parser = build_parser()
+    _env_defaults(parser, os.environ if environ is None else environ)
+    args = parser.parse_args(argv)
+    if args.model_dir is None:
+        parser.error(f"--model-dir (or {ENV_PREFIX}MODEL_DIR) is required")
+    return ServerConfig(
+        model_dir=args.model_dir,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        workers=args.workers,
+        max_queue=args.max_queue,
+        device=args.device,
+        providers=args.providers,
+        trt_cache_dir=args.trt_cache_dir,
+        grace_seconds=args.grace_seconds,
+        on_parity_failure=args.on_parity_failure,
+        parity_tolerance=args.parity_tolerance,
+        finished_job_ttl=args.finished_job_ttl,
+        max_message_bytes=args.max_message_bytes,
+        limits=Limits(
+            max_size=args.max_size,
+            max_pixels=args.max_pixels,
+            max_iterations=args.max_iterations,
+            max_styles=args.max_styles,
+            max_image_bytes=args.max_image_bytes,
+            max_input_pixels=args.max_input_pixels,
+        ),
+        log_level=args.log_level,
+    )

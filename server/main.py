@@ -1,0 +1,184 @@
+"""`stylize-server`: start-up, serving, and graceful shutdown.
+
+Order of start-up: the gRPC port and /metrics come up first with health NOT_SERVING (so orchestrators
+can probe a loading server), then the artifact, torch extractors, ONNX Runtime session and parity probe
+load on a thread; only a passed probe (or --on-parity-failure=torch) turns health SERVING, for the
+overall service "" and for "stylize.v1.StyleTransfer". The line
+    listening on HOST:PORT metrics on :MPORT
+is printed to stdout once both ports are bound (tests and scripts read the ports chosen with 0 from it).
+
+Shutdown on SIGTERM/SIGINT: health NOT_SERVING at once; new jobs get UNAVAILABLE "server shutting down";
+queued and running jobs get --grace-seconds to finish, then are cancelled and their streams end with
+UNAVAILABLE "server shutting down"; exit code 0. Start-up errors print one line to stderr, exit code 2.
+
+Keepalive (clients should match): the server pings an idle connection every 30 s and drops it when the
+ping is not answered within 10 s; clients may ping as often as every 10 s, also with no call in flight
+(more often counts as a strike; two strikes close the connection with GOAWAY "too_many_pings").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from stylize.v1 import stylize_pb2, stylize_pb2_grpc
+
+from .config import ServerConfig, parse_config
+from .jobs import JobManager
+from .metrics import GrpcMetricsInterceptor, ServiceMetrics, new_registry, serve_metrics
+from .runtime import Runtime, StartupError
+from .service import StyleTransferService, version
+
+log = logging.getLogger("stylize.server")
+
+SERVICE_NAME = stylize_pb2.DESCRIPTOR.services_by_name["StyleTransfer"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+# Time streams get after the jobs ended to deliver their final status before connections close.
+STOP_GRACE_SECONDS = 5.0
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+)
+
+
+@dataclass
+class _Started:
+    """What start-up produced; None until it finished (the servicer answers UNAVAILABLE meanwhile)."""
+
+    runtime: Runtime | None = None
+    manager: JobManager | None = None
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        *KEEPALIVE_OPTIONS,
+    ]
+
+
+def _record_runtime(metrics: ServiceMetrics, runtime: Runtime) -> None:
+    for row in runtime.parity.rows:
+        metrics.parity_error.labels(row.layer, row.quantity, runtime.parity.candidate).set(row.relative_error)
+    metrics.parity_passed.set(1 if runtime.parity.passed else 0)
+    metrics.model_info.labels(
+        runtime.manifest.arch,
+        runtime.manifest.weights,
+        ",".join(runtime.providers),
+        ",".join(dict.fromkeys(str(device) for device in runtime.devices)),
+    ).set(1)
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in HEALTH_SERVICES:
+        await servicer.set(name, status)
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code. Raises StartupError for a server that cannot start."""
+    began = time.monotonic()
+    if not config.model_dir.is_dir():
+        raise StartupError(f"--model-dir {config.model_dir}: no such directory")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    registry = new_registry()
+    metrics = ServiceMetrics(registry)
+    metrics.build_info.labels(version()).set(1)
+    started = _Started()
+    health_servicer = health.aio.HealthServicer()
+    server = grpc.aio.server(interceptors=[GrpcMetricsInterceptor(registry)], options=server_options(config))
+    stylize_pb2_grpc.add_StyleTransferServicer_to_server(
+        StyleTransferService(config, metrics, lambda: started.runtime, lambda: started.manager), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as error:
+        raise StartupError(f"cannot listen on {config.host}:{config.port}: {error}") from None
+    try:
+        metrics_port = serve_metrics(registry, config.host, config.metrics_port)
+    except OSError as error:
+        raise StartupError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {error}") from None
+    await server.start()
+    print(f"listening on {config.host}:{port} metrics on :{metrics_port}", flush=True)
+
+    try:
+        loading = asyncio.ensure_future(asyncio.to_thread(Runtime, config))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((loading, stopped), return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():
+            log.info("signal received during start-up; exiting")
+            return 0
+        runtime = loading.result()
+        manager = JobManager(
+            runtime,
+            metrics,
+            workers=config.workers,
+            max_queue=config.max_queue,
+            finished_job_ttl=config.finished_job_ttl,
+            loop=loop,
+        )
+        manager.start()
+        started.runtime, started.manager = runtime, manager
+        _record_runtime(metrics, runtime)
+        ready_seconds = time.monotonic() - began
+        if runtime.ready:
+            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+            metrics.serving.set(1)
+            log.info(
+                "SERVING after %.2f s: device %s, ONNX Runtime %s, targets from %s, %s weights",
+                ready_seconds,
+                ", ".join(dict.fromkeys(map(str, runtime.devices))),
+                ", ".join(runtime.providers),
+                runtime.parity.targets_backend,
+                runtime.manifest.weights,
+            )
+        else:
+            log.error("NOT_SERVING after %.2f s: the parity probe failed (table above)", ready_seconds)
+
+        await stopped
+        log.info("shutting down: NOT_SERVING, draining jobs for up to %.0f s", config.grace_seconds)
+        metrics.serving.set(0)
+        await health_servicer.enter_graceful_shutdown()
+        await manager.drain(config.grace_seconds)
+        return 0
+    finally:
+        await server.stop(STOP_GRACE_SECONDS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(serve(config))
+    except StartupError as error:
+        print(f"stylize-server: error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

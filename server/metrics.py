@@ -1,0 +1,305 @@
+"""Prometheus metrics: the stylize_* set, NVML GPU gauges, and go-grpc-prometheus metrics from an interceptor.
+
+Names are a contract with deploy/ (dashboard, alerts): change them only together. Everything lives in one
+CollectorRegistry per server (no module-level metric objects), so several servers can run in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+JOB_STATUSES = ("succeeded", "failed", "cancelled", "rejected")
+# Jobs run for seconds to minutes, and may wait about as long.
+JOB_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+# One optimizer iteration: milliseconds (small images on a GPU) to seconds (large ones on a CPU).
+ITERATION_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# RPCs range from sub-millisecond unary calls to streams as long as a job.
+RPC_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class ServiceMetrics:
+    """The stylize_* metrics of one server."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.jobs = Counter("stylize_jobs", "Jobs by final status.", ["status"], registry=registry)
+        for status in JOB_STATUSES:
+            self.jobs.labels(status)
+        self.queue_wait = Histogram(
+            "stylize_queue_wait_seconds",
+            "Time from acceptance to start on a worker.",
+            buckets=JOB_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.job_duration = Histogram(
+            "stylize_job_duration_seconds",
+            "Time a job ran on its worker (queue wait excluded).",
+            buckets=JOB_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.iteration = Histogram(
+            "stylize_iteration_seconds",
+            "Time of one optimizer iteration.",
+            buckets=ITERATION_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge("stylize_queue_depth", "Jobs waiting for a worker.", registry=registry)
+        self.in_progress = Gauge("stylize_jobs_in_progress", "Jobs running on a worker.", registry=registry)
+        self.pixel_iterations = Counter(
+            "stylize_pixel_iterations",
+            "Output pixels times iterations done; rate() is the throughput.",
+            registry=registry,
+        )
+        self.previews_sent = Counter(
+            "stylize_previews_sent", "Preview images written to watchers.", registry=registry
+        )
+        self.parity_error = Gauge(
+            "stylize_parity_relative_error",
+            "Start-up probe: max|candidate - torch| / max|torch| per tapped layer and quantity.",
+            ["layer", "quantity", "backend"],
+            registry=registry,
+        )
+        self.parity_passed = Gauge(
+            "stylize_parity_passed", "1 when the start-up parity probe passed.", registry=registry
+        )
+        self.serving = Gauge("stylize_serving", "1 while health reports SERVING.", registry=registry)
+        self.build_info = Gauge(
+            "stylize_build_info", "Always 1; the version label.", ["version"], registry=registry
+        )
+        self.model_info = Gauge(
+            "stylize_model_info",
+            "Always 1; the model's weights kind, ONNX Runtime providers and torch device.",
+            ["arch", "weights", "providers", "device"],
+            registry=registry,
+        )
+
+
+class NvmlCollector(Collector):
+    """GPU memory and utilization from NVML; yields nothing (no series at all) where NVML sees no GPU."""
+
+    def __init__(self) -> None:
+        self._nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            if pynvml.nvmlDeviceGetCount() > 0:
+                self._nvml = pynvml
+        except Exception as error:  # no driver, no library, no device: all mean "no GPU gauges"
+            log.debug("NVML unavailable, no GPU metrics: %s", error)
+
+    @property
+    def active(self) -> bool:
+        return self._nvml is not None
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        if self._nvml is None:
+            return []
+        nvml = self._nvml
+        used = GaugeMetricFamily("stylize_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
+        total = GaugeMetricFamily("stylize_gpu_memory_total_bytes", "GPU memory installed.", labels=["gpu"])
+        utilization = GaugeMetricFamily(
+            "stylize_gpu_utilization_ratio",
+            "Fraction of time the GPU was busy (NVML sample).",
+            labels=["gpu"],
+        )
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                used.add_metric([str(index)], float(memory.used))
+                total.add_metric([str(index)], float(memory.total))
+                utilization.add_metric([str(index)], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+        except Exception as error:  # a scrape must never fail because of the GPU
+            log.warning("NVML query failed: %s", error)
+            return []
+        return [used, total, utilization]
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry with the process, platform and GC collectors that the default registry would have."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    nvml = NvmlCollector()
+    if nvml.active:
+        registry.register(nvml)
+    return registry
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:
+    """Serve /metrics on a background thread; returns the bound port (useful with port 0)."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server.server_address[1]
+
+
+# ---------------------------------------------------------------- gRPC (go-grpc-prometheus names)
+
+# go-grpc-prometheus labels codes with Go's codes.Code.String().
+_GO_CODE_NAMES = {grpc.StatusCode.OK: "OK", grpc.StatusCode.CANCELLED: "Canceled"}
+
+
+def go_code_name(code: grpc.StatusCode) -> str:
+    return _GO_CODE_NAMES.get(code) or "".join(part.capitalize() for part in code.name.split("_"))
+
+
+class GrpcMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started", "RPCs started on the server.", labels, registry=registry
+        )
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of success or failure.",
+            [*labels, "grpc_code"],
+            registry=registry,
+        )
+        self.received = Counter(
+            "grpc_server_msg_received",
+            "RPC stream messages received on the server.",
+            labels,
+            registry=registry,
+        )
+        self.sent = Counter(
+            "grpc_server_msg_sent", "gRPC stream messages sent by the server.", labels, registry=registry
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Response latency (seconds) of gRPC that had been application-level handled by the server.",
+            labels,
+            buckets=RPC_SECONDS_BUCKETS,
+            registry=registry,
+        )
+
+
+class _CallRecorder:
+    """Counts one RPC; `finish` works out its final code from the exception and the context."""
+
+    def __init__(self, metrics: GrpcMetrics, labels: Sequence[str]):
+        self._metrics = metrics
+        self._labels = labels
+        self._start = time.perf_counter()
+        metrics.started.labels(*labels).inc()
+
+    def received(self) -> None:
+        self._metrics.received.labels(*self._labels).inc()
+
+    def sent(self) -> None:
+        self._metrics.sent.labels(*self._labels).inc()
+
+    def finish(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        code = context.code()
+        if code is None:
+            if error is None:
+                code = grpc.StatusCode.OK
+            elif isinstance(error, asyncio.CancelledError):
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            else:
+                code = grpc.StatusCode.UNKNOWN
+        if isinstance(code, int):  # aio contexts may hold the raw cygrpc integer
+            code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        self._metrics.handled.labels(*self._labels, go_code_name(code)).inc()
+        self._metrics.handling.labels(*self._labels).observe(time.perf_counter() - self._start)
+
+
+def _wrap_unary(behavior: Callable, metrics: GrpcMetrics, labels: Sequence[str]) -> Callable:
+    async def wrapped(request, context):
+        call = _CallRecorder(metrics, labels)
+        call.received()
+        error: BaseException | None = None
+        try:
+            response = await behavior(request, context)
+            call.sent()
+            return response
+        except BaseException as caught:
+            error = caught
+            raise
+        finally:
+            call.finish(context, error)
+
+    return wrapped
+
+
+def _wrap_server_stream(behavior: Callable, metrics: GrpcMetrics, labels: Sequence[str]) -> Callable:
+    if not inspect.isasyncgenfunction(behavior):
+
+        async def wrapped_writer(request, context):  # a handler that writes with context.write()
+            call = _CallRecorder(metrics, labels)
+            call.received()
+            error: BaseException | None = None
+            try:
+                return await behavior(request, context)
+            except BaseException as caught:
+                error = caught
+                raise
+            finally:
+                call.finish(context, error)
+
+        return wrapped_writer
+
+    async def wrapped(request, context):
+        call = _CallRecorder(metrics, labels)
+        call.received()
+        error: BaseException | None = None
+        try:
+            async for response in behavior(request, context):
+                call.sent()
+                yield response
+        except BaseException as caught:
+            error = caught
+            raise
+        finally:
+            call.finish(context, error)
+
+    return wrapped
+
+
+class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """grpc_server_* metrics for unary and server-streaming RPCs (the only kinds this server has; other
+    kinds pass through uncounted)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._metrics = GrpcMetrics(registry)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if handler.unary_unary is not None:
+            behavior = _wrap_unary(handler.unary_unary, self._metrics, ("unary", service, method))
+            return grpc.unary_unary_rpc_method_handler(
+                behavior, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            behavior = _wrap_server_stream(
+                handler.unary_stream, self._metrics, ("server_stream", service, method)
+            )
+            return grpc.unary_stream_rpc_method_handler(
+                behavior, handler.request_deserializer, handler.response_serializer
+            )
+        return handler

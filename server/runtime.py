@@ -1,0 +1,305 @@
+"""Start-up of the compute side: the artifact, the torch extractors, the ONNX Runtime session, the parity
+probe, and running jobs on the workers (the jobs.Executor the JobManager drives).
+
+Targets (style Grams, content features) come from ONNX Runtime when the job's network matches the
+artifact's graph: same pooling and padding, and every requested layer among the graph's outputs. Any other
+job (average pooling on a max-pooling artifact, a conv3_1 tap, ...) gets its targets from the torch
+extractor, which can tap any layer with the same weights; Started.targets_backend says which was used.
+
+Parity: at start-up a fixed probe image (seeded noise over a gradient, 96x128 so height and width differ)
+goes through ONNX Runtime and through torch in fp32; every tapped layer and its Gram matrix must agree to
+`--parity-tolerance` in relative error max|ort - torch| / max|torch|. The default 1e-3 leaves two orders
+of magnitude of headroom over fp32 CPU (about 1e-6) while catching any real difference (a wrong weight or
+constant moves errors to 1e-2 and beyond). TF32 is disabled on both sides for the probe: TF32 convs alone
+reach 1e-3. A failed probe keeps the server NOT_SERVING unless --on-parity-failure=torch, which serves
+with torch targets and says so in GetServerInfo and the metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+from stylize.export.artifact import Artifact, ArtifactError, load_artifact
+from stylize.export.parity import ParityRow, compare, format_table
+from stylize.export.vgg import VGGFeatures
+from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
+from stylize.server.engine.options import StyleOptions
+from stylize.server.engine.records import Progress, Result
+from stylize.server.engine.run import TargetFn, stylize
+
+from .config import ServerConfig
+from .convert import JobRequest
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+# Shape range of TensorRT's optimization profile for `image`: the engine built once covers every job.
+TRT_MIN_EDGE = 32
+TRT_OPT_EDGE = 512
+PROBE_HEIGHT, PROBE_WIDTH = 96, 128
+TORCH_BACKEND = "torch"
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    passed: bool
+    tolerance: float
+    # The backend compared against torch, e.g. "onnxruntime:CPUExecutionProvider".
+    candidate: str
+    # Where job targets come from: "onnxruntime", or "torch" after a failed probe with the torch fallback.
+    targets_backend: str
+    rows: tuple[ParityRow, ...]
+
+
+def resolve_devices(device: str, workers: int) -> list[torch.device]:
+    """The torch device of each worker: one per GPU (cuda:0..N-1 for --device cuda), else all on one."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise StartupError(f"--device {device}: torch sees no CUDA device")
+        count = torch.cuda.device_count()
+        if device == "cuda":
+            if workers > count:
+                log.warning("%d workers on %d GPU(s): some GPUs run several workers", workers, count)
+            return [torch.device("cuda", index % count) for index in range(workers)]
+        index = int(device.split(":")[1])
+        if index >= count:
+            raise StartupError(f"--device {device}: torch sees {count} CUDA device(s)")
+        return [torch.device("cuda", index)] * workers
+    return [torch.device("cpu")] * workers
+
+
+def provider_chain(config: ServerConfig, device: torch.device) -> list[tuple[str, dict[str, str]]]:
+    """The ONNX Runtime providers to ask for, best first, with their options."""
+    available = ort.get_available_providers()
+    if config.providers == ("auto",):
+        wanted = ["tensorrt", "cuda", "cpu"] if device.type == "cuda" else ["cpu"]
+        names = [n for n in wanted if PROVIDER_NAMES[n] in available]
+    else:
+        missing = [n for n in config.providers if PROVIDER_NAMES[n] not in available]
+        if missing:
+            raise StartupError(
+                f"--providers {','.join(config.providers)}: this onnxruntime build lacks {','.join(missing)} "
+                f"(available: {', '.join(available)})"
+            )
+        names = list(config.providers)
+    device_id = str(device.index or 0)
+    max_edge = config.limits.max_size
+    cache = config.trt_cache_dir or config.model_dir / "trt-cache"
+    options = {
+        "tensorrt": {
+            "device_id": device_id,
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(cache),
+            # fp32: the parity probe holds ORT to torch's fp32 features.
+            "trt_fp16_enable": "False",
+            "trt_profile_min_shapes": f"image:1x3x{TRT_MIN_EDGE}x{TRT_MIN_EDGE}",
+            "trt_profile_opt_shapes": f"image:1x3x{TRT_OPT_EDGE}x{TRT_OPT_EDGE}",
+            "trt_profile_max_shapes": f"image:1x3x{max_edge}x{max_edge}",
+        },
+        # TF32 would cost parity (see the module docstring).
+        "cuda": {"device_id": device_id, "use_tf32": "0"},
+        "cpu": {},
+    }
+    return [(PROVIDER_NAMES[n], options[n]) for n in names]
+
+
+def open_session(
+    onnx_path: Path, chain: Sequence[tuple[str, dict[str, str]]], explicit: bool
+) -> ort.InferenceSession:
+    """Open the session and check which providers really run (ORT silently drops ones that fail to load)."""
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session_options.log_severity_level = (
+        3  # errors only: ORT's warnings about provider fallbacks are ours to report
+    )
+    try:
+        session = ort.InferenceSession(
+            str(onnx_path),
+            sess_options=session_options,
+            providers=[name for name, _ in chain],
+            provider_options=[options for _, options in chain],
+        )
+    except Exception as error:
+        raise StartupError(
+            f"ONNX Runtime cannot open {onnx_path}: {' '.join(str(error).split())[:300]}"
+        ) from None
+    running = session.get_providers()
+    dropped = [name for name, _ in chain if name not in running]
+    if dropped and explicit:
+        raise StartupError(
+            f"--providers asked for {', '.join(n for n, _ in chain)}; ONNX Runtime runs {', '.join(running)}"
+        )
+    if dropped:
+        log.warning("ONNX Runtime could not enable %s; running %s", ", ".join(dropped), ", ".join(running))
+    return session
+
+
+def probe_image() -> np.ndarray:
+    """A fixed 1x3xHxW image in [0, 1]: seeded noise over a gradient (texture at every layer's scale)."""
+    noise = np.random.default_rng(0).random((1, 3, PROBE_HEIGHT, PROBE_WIDTH), dtype=np.float32)
+    ramp = np.linspace(0.0, 1.0, PROBE_WIDTH, dtype=np.float32)[None, None, None, :]
+    return (0.5 * noise + 0.5 * ramp).astype(np.float32)
+
+
+def torch_features(extractor: VGGFeatures, image: np.ndarray, device: torch.device) -> dict[str, np.ndarray]:
+    """fp32 features of the artifact's layers, TF32 off (the reference side of the parity probe)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            features = extractor(torch.from_numpy(image).to(device))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return {name: value.float().cpu().numpy() for name, value in features.items()}
+
+
+def run_parity_probe(
+    session: ort.InferenceSession, extractor: VGGFeatures, device: torch.device, tolerance: float
+) -> tuple[bool, str, list[ParityRow]]:
+    """(passed, candidate backend name, rows)."""
+    image = probe_image()
+    layers = list(extractor.layers)
+    candidate = dict(zip(layers, session.run(layers, {session.get_inputs()[0].name: image}), strict=True))
+    rows = compare(torch_features(extractor, image, device), candidate)
+    passed = all(row.passed(tolerance) for row in rows)
+    return passed, f"onnxruntime:{session.get_providers()[0]}", rows
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class OrtTargets:
+    """A TargetFn backed by the ONNX Runtime session: forward-only features of the requested layers.
+
+    Inputs and outputs go through host memory; targets are computed once per style image and scale, so the
+    copies are a negligible part of a job.
+    """
+
+    def __init__(self, session: ort.InferenceSession, layers: Sequence[str], device: torch.device):
+        self._session = session
+        self._input = session.get_inputs()[0].name
+        self._layers = list(layers)
+        self._device = device
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        array = image.detach().to("cpu", torch.float32).contiguous().numpy()
+        outputs = self._session.run(self._layers, {self._input: array})
+        return {
+            name: torch.from_numpy(out).to(self._device)
+            for name, out in zip(self._layers, outputs, strict=True)
+        }
+
+
+class Runtime:
+    """Everything the workers compute with; implements jobs.Executor."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        try:
+            self.artifact: Artifact = load_artifact(config.model_dir)
+        except ArtifactError as error:
+            raise StartupError(str(error)) from None
+        self.manifest = self.artifact.manifest
+        self.onnx_sha256 = file_sha256(self.artifact.onnx_path)
+        self.devices = resolve_devices(config.device, config.workers)
+        # One extractor per distinct device; workers on the same device share it (forward is re-entrant).
+        extractors: dict[torch.device, VGGFeatures] = {}
+        for device in self.devices:
+            if device not in extractors:
+                extractors[device] = self.artifact.build_extractor().to(device).eval()
+        self._extractors = [extractors[device] for device in self.devices]
+        chain = provider_chain(config, self.devices[0])
+        self.session = open_session(self.artifact.onnx_path, chain, explicit=config.providers != ("auto",))
+        self.providers: list[str] = self.session.get_providers()
+        self.parity = self._check_parity()
+
+    def _check_parity(self) -> ParityReport:
+        tolerance = self.config.parity_tolerance
+        passed, candidate, rows = run_parity_probe(
+            self.session, self._extractors[0], self.devices[0], tolerance
+        )
+        table = format_table(rows, tolerance)
+        if passed:
+            log.info("parity probe passed (%s vs torch):\n%s", candidate, table)
+            backend = "onnxruntime"
+        elif self.config.on_parity_failure == "torch":
+            log.error("parity probe FAILED (%s vs torch); serving with torch targets:\n%s", candidate, table)
+            backend = TORCH_BACKEND
+        else:
+            log.error("parity probe FAILED (%s vs torch); NOT_SERVING:\n%s", candidate, table)
+            backend = TORCH_BACKEND
+        return ParityReport(passed, tolerance, candidate, backend, tuple(rows))
+
+    @property
+    def ready(self) -> bool:
+        """Whether jobs may run: the probe passed, or the operator chose the torch fallback."""
+        return self.parity.passed or self.config.on_parity_failure == "torch"
+
+    def _targets(self, options: StyleOptions, worker: int) -> tuple[TargetFn | None, str]:
+        layers = list(dict.fromkeys(name for name, _ in (*options.content_layers, *options.style_layers)))
+        use_ort = (
+            self.parity.targets_backend == "onnxruntime"
+            and options.pooling == self.manifest.pooling
+            and options.padding == self.manifest.padding
+            and set(layers) <= set(self.manifest.output_names)
+        )
+        if not use_ort:
+            return None, TORCH_BACKEND
+        return OrtTargets(self.session, layers, self.devices[worker]), f"onnxruntime:{self.providers[0]}"
+
+    # ------------------------------------------------------------ jobs.Executor
+
+    def device_name(self, worker: int) -> str:
+        return str(self.devices[worker])
+
+    def run(
+        self, request: JobRequest, cancel: threading.Event, worker: int
+    ) -> tuple[str, Iterator[Progress | Result]]:
+        targets, backend = self._targets(request.options, worker)
+        records = stylize(
+            pil_to_tensor(request.content),
+            [(pil_to_tensor(image), weight) for image, weight in request.styles],
+            request.options,
+            self._extractors[worker],
+            device=self.devices[worker],
+            targets=targets,
+            preview_every=request.preview.every,
+            cancel=cancel,
+            limits=self.config.limits,
+        )
+        return backend, records
+
+    def to_image(self, tensor: object) -> Image.Image:
+        assert isinstance(tensor, torch.Tensor)
+        return tensor_to_pil(tensor)
+
+    def release_memory(self, worker: int) -> None:
+        if self.devices[worker].type == "cuda":
+            torch.cuda.empty_cache()

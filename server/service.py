@@ -1,0 +1,240 @@
+"""The stylize.v1.StyleTransfer servicer on grpc.aio.
+
+Requests are decoded and validated off the event loop (asyncio.to_thread; PIL only, no torch), queued in
+the JobManager, and streamed back from the job's events. Ownership of a job:
+- Stylize: the call owns its job. When the caller cancels, disconnects or runs past its deadline, the job
+  is cancelled (within one iteration) unless other WatchJob watchers still follow it.
+- SubmitJob: the job runs whether or not anybody watches; watchers come and go.
+
+Deadlines: a Stylize call whose deadline is shorter than half the estimated run time is refused up front
+with DEADLINE_EXCEEDED (the estimate is output pixels x iterations x the seconds per pixel-iteration the
+workers measure; half, because the figure moves with image size and load, and refusing work that would
+have fitted is worse than starting work that will not). Before any iteration has been measured there is no
+estimate and every deadline is accepted; a call that then runs out of time is cancelled like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib.metadata
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from stylize.server.engine.options import DEFAULTS, VGG19_LAYERS, FieldViolation, OptionsError
+from stylize.v1 import stylize_pb2 as pb
+from stylize.v1 import stylize_pb2_grpc
+
+from . import convert
+from .config import ServerConfig
+from .errors import JobStatus, abort
+from .jobs import Job, JobManager, Rejected
+from .metrics import ServiceMetrics
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Fraction of the estimated run time a deadline must at least allow (see the module docstring).
+DEADLINE_MARGIN = 0.5
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("stylize")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
+    def __init__(
+        self,
+        config: ServerConfig,
+        metrics: ServiceMetrics,
+        runtime_ready: Callable[[], Runtime | None],
+        manager: Callable[[], JobManager | None],
+    ):
+        self._config = config
+        self._metrics = metrics
+        # Both appear once start-up finished; until then calls get UNAVAILABLE.
+        self._runtime = runtime_ready
+        self._manager = manager
+
+    # ------------------------------------------------------------ helpers
+
+    async def _require_manager(self, context: grpc.aio.ServicerContext) -> JobManager:
+        runtime, manager = self._runtime(), self._manager()
+        if runtime is None or manager is None:
+            await abort(
+                context, JobStatus(grpc.StatusCode.UNAVAILABLE, "server starting: the model is loading")
+            )
+        if not runtime.ready:
+            await abort(
+                context,
+                JobStatus(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "not serving: ONNX Runtime disagreed with torch in the start-up parity probe (see log)",
+                ),
+            )
+        if manager.draining:
+            await abort(context, JobStatus(grpc.StatusCode.UNAVAILABLE, "server shutting down"))
+        return manager
+
+    async def _reject(self, context: grpc.aio.ServicerContext, status: JobStatus) -> None:
+        self._metrics.jobs.labels("rejected").inc()
+        await abort(context, status)
+
+    async def _accept(
+        self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext, *, owned_by_call: bool
+    ) -> tuple[Job, int]:
+        manager = await self._require_manager(context)
+        try:
+            job_request = await asyncio.to_thread(convert.request_from_proto, request, self._config.limits)
+        except OptionsError as error:
+            await self._reject(context, JobStatus.invalid(error))
+        remaining = context.time_remaining()
+        estimate = manager.estimate_run_seconds(job_request)
+        if remaining is not None and estimate is not None and remaining < DEADLINE_MARGIN * estimate:
+            await self._reject(
+                context,
+                JobStatus(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"deadline too short: the job needs about {estimate:.1f} s, the call {remaining:.1f} s",
+                ),
+            )
+        try:
+            return manager.submit(job_request, owned_by_call=owned_by_call)
+        except Rejected as rejected:
+            await self._reject(context, rejected.status)
+        raise AssertionError("unreachable: abort raises")
+
+    async def _follow(
+        self, job: Job, context: grpc.aio.ServicerContext, *, owner: bool
+    ) -> AsyncIterator[pb.JobEvent]:
+        """The job's events from its current state; ends with the job's failure status, if any.
+
+        `owner`: this is the Stylize call that owns the job; leaving early cancels it (see _caller_left).
+        The subscription is released here, before that check, whichever way the stream ends.
+        """
+        subscription = job.subscribe()
+        try:
+            async for event in subscription.events():
+                if event.HasField("progress") and event.progress.HasField("preview"):
+                    self._metrics.previews_sent.inc()
+                yield event
+        finally:
+            job.unsubscribe(subscription)
+            if owner and not job.finished:
+                self._caller_left(job, context)
+        if job.status is not None:
+            await abort(context, job.status)
+
+    def _caller_left(self, job: Job, context: grpc.aio.ServicerContext) -> None:
+        """A Stylize caller went away before its job finished: cancel it unless others watch."""
+        manager = self._manager()
+        if manager is None or job.watchers > 0:
+            return
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            status = JobStatus(grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed")
+        else:
+            status = JobStatus(grpc.StatusCode.CANCELLED, "the caller cancelled")
+        log.info("job %s: %s; cancelling", job.id, status.message)
+        manager.cancel(job, status)
+
+    async def _find(self, job_id: str, context: grpc.aio.ServicerContext) -> Job:
+        manager = self._manager()
+        if not job_id:
+            await abort(
+                context,
+                JobStatus.invalid(OptionsError([FieldViolation("job_id", "is required")])),
+            )
+        job = manager.get(job_id) if manager else None
+        if job is None:
+            await abort(
+                context,
+                JobStatus(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"no job {job_id!r} (unknown, or ended over {self._config.finished_job_ttl:.0f} s ago)",
+                ),
+            )
+        return job
+
+    # ------------------------------------------------------------ RPCs
+
+    async def Stylize(self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext):
+        job, _ = await self._accept(request, context, owned_by_call=True)
+        # aclosing: the inner generator's clean-up must run now, also when the caller's cancellation
+        # arrives while this generator is suspended at `yield`.
+        async with contextlib.aclosing(self._follow(job, context, owner=True)) as events:
+            async for event in events:
+                yield event
+
+    async def SubmitJob(self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext):
+        job, position = await self._accept(request, context, owned_by_call=False)
+        return pb.SubmitJobResponse(job_id=job.id, queue_position=position)
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext):
+        job = await self._find(request.job_id, context)
+        async with contextlib.aclosing(self._follow(job, context, owner=False)) as events:
+            async for event in events:
+                yield event
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext):
+        job = await self._find(request.job_id, context)
+        self._manager().cancel(job, JobStatus(grpc.StatusCode.CANCELLED, "cancelled by CancelJob"))
+        state = job.state if job.finished else pb.JOB_STATE_CANCELLED
+        return pb.CancelJobResponse(state=state)
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext):
+        runtime, manager = self._runtime(), self._manager()
+        limits = self._config.limits
+        info = pb.ServerInfo(
+            version=version(),
+            default_options=convert.options_to_proto(DEFAULTS),
+            available_layers=VGG19_LAYERS,
+            limits=pb.Limits(
+                max_size=limits.max_size,
+                max_pixels=limits.max_pixels,
+                max_iterations=limits.max_iterations,
+                max_styles=limits.max_styles,
+                max_image_bytes=limits.max_image_bytes,
+                max_queue=self._config.max_queue,
+                finished_job_ttl_seconds=round(self._config.finished_job_ttl),
+            ),
+        )
+        if manager is not None:
+            queue = manager.snapshot()
+            info.queue.CopyFrom(pb.QueueState(**dataclasses.asdict(queue)))
+        if runtime is not None:
+            manifest = runtime.manifest
+            info.model.CopyFrom(
+                pb.ModelInfo(
+                    arch=manifest.arch,
+                    weights=manifest.weights,
+                    # Random weights come from no file: their digest is that of the weights themselves.
+                    weights_sha256=manifest.weights_sha256 or manifest.state_dict_sha256,
+                    onnx_sha256=runtime.onnx_sha256,
+                    layers=manifest.layers,
+                    pooling=manifest.pooling,
+                    opset=manifest.opset,
+                    manifest_json=manifest.to_json(),
+                )
+            )
+            info.providers.extend(runtime.providers)
+            info.device = ", ".join(dict.fromkeys(str(device) for device in runtime.devices))
+            parity = runtime.parity
+            info.parity.CopyFrom(
+                pb.ParityReport(
+                    passed=parity.passed,
+                    tolerance=parity.tolerance,
+                    targets_backend=parity.targets_backend,
+                    layers=[
+                        pb.LayerParity(layer=r.layer, quantity=r.quantity, relative_error=r.relative_error)
+                        for r in parity.rows
+                    ],
+                )
+            )
+        return info

@@ -1,0 +1,183 @@
+"""Run the real `stylize-server` as a subprocess for tests: free ports, wait for health, stop, show its log.
+
+    with ServerProcess(model_dir, "--workers", "1") as server:
+        channel = grpc.insecure_channel(server.address)
+
+Ports are chosen by the server (--port 0 --metrics-port 0) and read from its "listening on" line, so
+parallel test runs never race for a port. The server's stdout and stderr go to one log file; when the
+`with` block fails, or the server does not come up, the log is printed (pytest shows it with the failure).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# The installed console script, beside the interpreter running the tests (the project's venv).
+SERVER_COMMAND = (str(Path(sys.executable).parent / "stylize-server"),)
+LISTENING = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+) metrics on :(?P<metrics_port>\d+)")
+SERVICE_NAME = "stylize.v1.StyleTransfer"
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 60.0
+
+
+class ServerFailed(AssertionError):
+    """The server exited or did not reach the expected state in time; the message carries its log."""
+
+
+class ServerProcess:
+    """A `stylize-server` subprocess on 127.0.0.1 with free ports.
+
+    `wait_for`: the health status to wait for after start ("SERVING", "NOT_SERVING", or None to return as
+    soon as the ports are known). Attributes once started: address ("127.0.0.1:PORT"), port,
+    metrics_port, metrics_url, process, log_path.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait_for: str | None = "SERVING",
+        timeout: float = START_TIMEOUT,
+    ):
+        self.model_dir = Path(model_dir)
+        self.args: Sequence[str] = args
+        self.env = env
+        self.wait_for = wait_for
+        self.timeout = timeout
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self.log_path = Path(tempfile.mkstemp(prefix="stylize-server-", suffix=".log")[1])
+        self.returncode: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _fail(self, reason: str) -> ServerFailed:
+        return ServerFailed(f"{reason}\n----- server log -----\n{self.log()}")
+
+    def start(self) -> ServerProcess:
+        command = [
+            *SERVER_COMMAND,
+            "--model-dir",
+            str(self.model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            *self.args,
+        ]
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=environment
+            )
+        deadline = time.monotonic() + self.timeout
+        self._read_ports(deadline)
+        if self.wait_for is not None:
+            self.wait_health(self.wait_for, deadline - time.monotonic())
+        return self
+
+    def _read_ports(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            match = LISTENING.search(self.log())
+            if match:
+                self.port, self.metrics_port = int(match["port"]), int(match["metrics_port"])
+                return
+            if self.process.poll() is not None:
+                raise self._fail(f"server exited with code {self.process.returncode} before listening")
+            time.sleep(0.05)
+        raise self._fail(f"server did not print its ports within {self.timeout:.0f} s")
+
+    def health(self, service: str = "") -> str:
+        """The health status name of `service` ("" is the overall server)."""
+        with grpc.insecure_channel(self.address) as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_health(self, status: str, timeout: float) -> None:
+        """Wait until the overall and the StyleTransfer health both report `status` as the outcome of
+        start-up (a loading server is NOT_SERVING too: for that status, also wait for the server's
+        "NOT_SERVING after" log line)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise self._fail(f"server exited with code {self.process.returncode} while starting")
+            settled = status != "NOT_SERVING" or "NOT_SERVING after" in self.log()
+            try:
+                if settled and self.health("") == status and self.health(SERVICE_NAME) == status:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise self._fail(f"server health did not become {status} within {timeout:.0f} s")
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Wait for the process to exit; returns its exit code (kills it after `timeout`)."""
+        try:
+            self.returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise self._fail(f"server did not exit within {timeout:.0f} s") from None
+        return self.returncode
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def __enter__(self) -> ServerProcess:
+        try:
+            return self.start()
+        except BaseException:
+            self._kill()
+            raise
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        try:
+            self.stop()
+        finally:
+            self._kill()
+            if kind is not None and not isinstance(error, ServerFailed):
+                sys.stderr.write(f"----- server log ({self.log_path}) -----\n{self.log()}\n")
+            else:
+                self.log_path.unlink(missing_ok=True)
+
+    def _kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
