@@ -33,6 +33,7 @@ from stylize.export.vgg import (
     Normalization,
     VGGFeatures,
     expected_shapes,
+    parse_choice,
     resolve_layers,
     validate_state_dict,
 )
@@ -96,8 +97,8 @@ class Manifest:
             raise ValueError(f"format {manifest.format} is not the supported {MANIFEST_FORMAT}")
         try:
             resolve_layers(manifest.layers)
-            Pooling(manifest.pooling)
-            Padding(manifest.padding)
+            parse_choice(Pooling, manifest.pooling)
+            parse_choice(Padding, manifest.padding)
         except ValueError as error:  # ModelError is one
             raise ValueError(str(error)) from None
         return manifest

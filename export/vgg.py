@@ -137,7 +137,7 @@ def resolve_layers(layers: Iterable[str]) -> tuple[str, ...]:
     return resolved
 
 
-def _enum(kind: type[Pooling] | type[Padding], value: str) -> Pooling | Padding:
+def parse_choice(kind: type[Pooling] | type[Padding], value: str) -> Pooling | Padding:
     try:
         return kind(value)
     except ValueError:
@@ -182,8 +182,8 @@ class VGGFeatures(nn.Module):
         self, layers: Iterable[str], pooling: str, padding: str, normalization: Normalization
     ) -> None:
         self.layers = resolve_layers(layers)
-        self.pooling = _enum(Pooling, pooling)
-        self.padding = _enum(Padding, padding)
+        self.pooling = parse_choice(Pooling, pooling)
+        self.padding = parse_choice(Padding, padding)
         self.normalization = normalization
         self._depth = max(LAYER_INDEX[name] for name in self.layers) + 1
         # Not persistent: the state dict stays exactly torchvision's keys.

@@ -1,0 +1,305 @@
+"""stylize-export end to end: the artifact, ONNX Runtime parity, the round trip, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from stylize.export.artifact import (
+    MANIFEST_FILENAME,
+    ONNX_FILENAME,
+    ArtifactError,
+    load_artifact,
+    state_dict_digest,
+)
+from stylize.export.onnx_export import export_artifact
+from stylize.export.parity import compare
+from stylize.export.vgg import CAFFE_NORMALIZATION, VGGFeatures, expected_shapes, random_state_dict
+from stylize.export.weights import random_weights
+from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS
+
+EXPORT_SCRIPT = Path(sys.executable).with_name("stylize-export")
+TOLERANCE = 1e-4
+SIZES = ((64, 64), (136, 200))  # (height, width): 64x64 and a 200x136 landscape
+
+
+@dataclass(frozen=True)
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run_cli(*args: str) -> CliRun:
+    started = time.perf_counter()
+    done = subprocess.run([str(EXPORT_SCRIPT), *args], capture_output=True, text=True, timeout=240)
+    return CliRun(done.returncode, done.stdout, done.stderr, time.perf_counter() - started)
+
+
+def assert_one_line_error(run: CliRun, fragment: str, code: int = 2) -> None:
+    assert run.returncode == code, run
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("stylize-export: error: ")
+    assert fragment in lines[0]
+
+
+def image(height: int, width: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> tuple[Path, CliRun]:
+    """One real `stylize-export --weights random` run shared by the tests that only read its result."""
+    out = tmp_path_factory.mktemp("export") / "model"
+    run = run_cli("--weights", "random", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    return out, run
+
+
+@pytest.fixture(scope="session")
+def reference_module() -> VGGFeatures:
+    """What the CLI exported: default layers, max pooling, ImageNet normalization, seed-0 random weights."""
+    return VGGFeatures().load_weights(random_state_dict(0)).eval()
+
+
+def test_export_writes_both_files_and_nothing_else(exported):
+    out, run = exported
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_FILENAME, ONNX_FILENAME])
+    assert "Traceback" not in run.stderr
+    assert f"wrote {out / ONNX_FILENAME}" in run.stdout
+
+
+def test_manifest_records_the_export(exported):
+    out, _ = exported
+    data = json.loads((out / MANIFEST_FILENAME).read_text())
+    assert data["arch"] == "vgg19"
+    assert (data["weights"], data["weights_source"], data["weights_sha256"]) == ("random", "seed=0", None)
+    assert data["state_dict_sha256"] == state_dict_digest(random_state_dict(0))
+    assert data["layers"] == data["output_names"] == list(DEFAULT_EXPORT_LAYERS)
+    assert (data["pooling"], data["padding"], data["opset"], data["input_name"]) == (
+        "max",
+        "zeros",
+        18,
+        "image",
+    )
+    assert data["normalization"]["name"] == "imagenet"
+    assert data["torch_version"] == torch.__version__ and data["onnx_version"] == onnx.__version__
+
+
+def test_onnx_model_has_named_outputs_and_dynamic_sizes(exported):
+    out, _ = exported
+    model = onnx.load(str(out / ONNX_FILENAME), load_external_data=False)
+    assert min(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    session = ort.InferenceSession(str(out / ONNX_FILENAME), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == list(DEFAULT_EXPORT_LAYERS)
+    channels = {"relu1_1": 64, "relu2_1": 128, "relu3_1": 256, "relu4_1": 512, "relu4_2": 512, "relu5_1": 512}
+    scale = {"relu1_1": 1, "relu2_1": 2, "relu3_1": 4, "relu4_1": 8, "relu4_2": 8, "relu5_1": 16}
+    for height, width in SIZES:
+        results = session.run(None, {"image": image(height, width, batch=2).numpy()})
+        for name, result in zip(DEFAULT_EXPORT_LAYERS, results, strict=True):
+            expected = (2, channels[name], height // scale[name], width // scale[name])
+            assert result.shape == expected, name
+            assert result.dtype == np.float32
+
+
+def test_parity_table_shows_every_layer_below_tolerance(exported):
+    _, run = exported
+    rows = [
+        line.split()
+        for line in run.stdout.splitlines()
+        if line.split()[:1] in [[n] for n in DEFAULT_EXPORT_LAYERS]
+    ]
+    assert len(rows) == 2 * len(DEFAULT_EXPORT_LAYERS)  # one table per probe size
+    for layer, features, gram, verdict in rows:
+        assert float(features) < TOLERANCE and float(gram) < TOLERANCE and verdict == "ok", layer
+    assert "1x3x64x64" in run.stdout and "1x3x136x200" in run.stdout
+
+
+def test_onnx_runtime_matches_torch(exported, reference_module):
+    out, _ = exported
+    session = ort.InferenceSession(str(out / ONNX_FILENAME), providers=["CPUExecutionProvider"])
+    for height, width in SIZES:
+        x = image(height, width, seed=5)
+        with torch.no_grad():
+            reference = {k: v.numpy() for k, v in reference_module(x).items()}
+        candidate = dict(zip(DEFAULT_EXPORT_LAYERS, session.run(None, {"image": x.numpy()}), strict=True))
+        rows = compare(reference, candidate)
+        assert len(rows) == 12
+        assert all(row.relative_error < TOLERANCE for row in rows), rows
+
+
+def test_round_trip_from_initializers_equals_exported_module(exported, reference_module):
+    out, _ = exported
+    artifact = load_artifact(out)
+    original = random_state_dict(0)
+    assert list(artifact.state_dict) == list(expected_shapes())  # all 16 convs, also those past relu5_1
+    assert all(torch.equal(artifact.state_dict[k], original[k]) for k in original)
+    x = image(40, 56, seed=9)
+    with torch.no_grad():
+        rebuilt, expected = artifact.build_extractor()(x), reference_module(x)
+        assert all(torch.equal(rebuilt[k], expected[k]) for k in expected)
+        deep = artifact.build_extractor(layers=["relu5_4"], pooling="average")(x)["relu5_4"]
+        want = reference_module.configured(layers=["relu5_4"], pooling="average")(x)["relu5_4"]
+        assert torch.equal(deep, want)
+
+
+def test_onnx_runtime_loads_the_artifact_without_warnings(exported, capfd):
+    out, _ = exported
+    options = ort.SessionOptions()
+    options.log_severity_level = 2  # warnings and up: an unused initializer would be one
+    ort.InferenceSession(str(out / ONNX_FILENAME), options, providers=["CPUExecutionProvider"])
+    assert "[W:onnxruntime" not in capfd.readouterr().err
+
+
+def test_variant_export_round_trips_and_matches(tmp_path):
+    """Average pooling, replicate padding, Caffe normalization and conv/pool taps survive the export."""
+    weights = random_weights(7, CAFFE_NORMALIZATION)
+    module = VGGFeatures(
+        ["conv1_1", "relu3_2", "pool5"],
+        pooling="average",
+        padding="replicate",
+        normalization=CAFFE_NORMALIZATION,
+    ).load_weights(weights.state_dict)
+    manifest = export_artifact(module, weights, tmp_path)
+    artifact = load_artifact(tmp_path)
+    assert artifact.manifest == manifest
+    assert (manifest.pooling, manifest.padding, manifest.normalization) == (
+        "average",
+        "replicate",
+        CAFFE_NORMALIZATION,
+    )
+    session = ort.InferenceSession(str(artifact.onnx_path), providers=["CPUExecutionProvider"])
+    x = image(72, 96, seed=3)
+    with torch.no_grad():
+        expected = module(x)
+        rebuilt = artifact.build_extractor()(x)
+    assert all(torch.equal(rebuilt[k], expected[k]) for k in expected)
+    candidate = dict(zip(manifest.output_names, session.run(None, {"image": x.numpy()}), strict=True))
+    rows = compare({k: v.numpy() for k, v in expected.items()}, candidate)
+    assert all(row.relative_error < TOLERANCE for row in rows), rows
+
+
+def test_check_mode_verifies_an_existing_artifact(exported):
+    out, _ = exported
+    run = run_cli("--check", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "relu5_1" in run.stdout and "max relative error" in run.stdout
+
+
+# --- bad input: one line on stderr, exit code 2, no traceback -------------------------------------
+
+
+def test_unknown_layer(tmp_path):
+    run = run_cli("--weights", "random", "--out", str(tmp_path / "m"), "--layers", "relu1_1", "relu6_1")
+    assert_one_line_error(run, "unknown layer(s) relu6_1; valid: conv1_1 relu1_1")
+    assert not (tmp_path / "m" / ONNX_FILENAME).exists()
+
+
+def test_weights_file_with_wrong_keys(tmp_path):
+    path = tmp_path / "wrong-keys.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3)}, path)
+    run = run_cli("--weights", str(path), "--out", str(tmp_path / "m"))
+    assert_one_line_error(
+        run, f"weights file {path}: weights lack 32 VGG19 key(s), first 'features.0.weight'"
+    )
+
+
+def test_weights_file_with_wrong_shapes(tmp_path):
+    path = tmp_path / "wrong-shapes.pth"
+    torch.save({**random_state_dict(0), "features.10.weight": torch.zeros(256, 128, 1, 1)}, path)
+    run = run_cli("--weights", str(path), "--out", str(tmp_path / "m"))
+    assert_one_line_error(run, "'features.10.weight' has shape (256, 128, 1, 1), expected (256, 128, 3, 3)")
+
+
+def test_weights_file_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"these are not the weights you are looking for")
+    run = run_cli("--weights", str(path), "--out", str(tmp_path / "m"))
+    assert_one_line_error(run, f"cannot read weights file {path} as a torch state dict")
+
+
+def test_unwritable_out_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    run = run_cli("--weights", "random", "--out", str(blocker / "model"))
+    assert_one_line_error(run, f"cannot write to output directory {blocker / 'model'}")
+
+
+def copy_artifact(source: Path, target: Path, *, onnx_bytes: bytes | None = None) -> Path:
+    """A model dir with the same manifest; the .onnx is linked, or replaced by `onnx_bytes`."""
+    target.mkdir()
+    (target / MANIFEST_FILENAME).write_text((source / MANIFEST_FILENAME).read_text())
+    if onnx_bytes is None:
+        (target / ONNX_FILENAME).symlink_to(source / ONNX_FILENAME)
+    else:
+        (target / ONNX_FILENAME).write_bytes(onnx_bytes)
+    return target
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_onnx(exported, tmp_path, damage):
+    out, _ = exported
+    data = (out / ONNX_FILENAME).read_bytes()
+    bad = data[: len(data) // 2] if damage == "truncated" else np.random.default_rng(0).bytes(4096)
+    model_dir = copy_artifact(out, tmp_path / "model", onnx_bytes=bad)
+    with pytest.raises(ArtifactError, match="is not a valid ONNX model") as info:
+        load_artifact(model_dir)
+    assert "\n" not in str(info.value)
+    assert_one_line_error(
+        run_cli("--check", str(model_dir)), f"{model_dir / ONNX_FILENAME} is not a valid ONNX"
+    )
+
+
+def test_manifest_digest_disagreeing_with_weights(exported, tmp_path):
+    out, _ = exported
+    model_dir = copy_artifact(out, tmp_path / "model")
+    data = json.loads((model_dir / MANIFEST_FILENAME).read_text())
+    data["state_dict_sha256"] = state_dict_digest(random_state_dict(1))
+    (model_dir / MANIFEST_FILENAME).write_text(json.dumps(data))
+    assert_one_line_error(run_cli("--check", str(model_dir)), "disagrees with vgg19.json's state_dict_sha256")
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda d: d.pop("layers"), "vgg19.json is not a valid manifest: missing field 'layers'"),
+        (lambda d: d.update(layers=["relu1_1", "relu9_1"]), "unknown layer(s) relu9_1"),
+        (lambda d: d.update(pooling="l2"), "unknown pooling 'l2'; valid: max average"),
+        (lambda d: d.update(output_names=["relu1_1"]), "has outputs ['relu1_1', 'relu2_1'"),
+        (lambda d: d.update(format=99), "format 99 is not the supported 1"),
+    ],
+)
+def test_bad_manifest(exported, tmp_path, edit, fragment):
+    out, _ = exported
+    model_dir = copy_artifact(out, tmp_path / "model")
+    data = json.loads((model_dir / MANIFEST_FILENAME).read_text())
+    edit(data)
+    (model_dir / MANIFEST_FILENAME).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError) as info:
+        load_artifact(model_dir)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_files(exported, tmp_path):
+    with pytest.raises(ArtifactError, match=r"vgg19.json not found; create the artifact with stylize-export"):
+        load_artifact(tmp_path)
+    (tmp_path / MANIFEST_FILENAME).write_text((exported[0] / MANIFEST_FILENAME).read_text())
+    with pytest.raises(ArtifactError, match=r"vgg19.onnx not found"):
+        load_artifact(tmp_path)
+    (tmp_path / MANIFEST_FILENAME).write_text("{not json")
+    with pytest.raises(ArtifactError, match=r"vgg19.json is not a valid manifest"):
+        load_artifact(tmp_path)
