@@ -157,36 +157,46 @@ def event_record(event: Event, path: Path | None = None) -> dict[str, Any]:
 
 
 class ProgressBar:
-    """A tqdm bar over a job's iterations, with the losses and the server's ETA."""
+    """A tqdm bar over a job's iterations, with the losses and the server's ETA.
+
+    Drawn from the first event on, so a call that fails before its job exists prints only its error."""
 
     def __init__(self, stream: TextIO):
-        self._bar = tqdm(
-            total=None,
-            unit="it",
-            file=stream,
-            dynamic_ncols=True,
-            desc="waiting",
-            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
-        )
+        self._stream = stream
+        self._bar: tqdm | None = None
+
+    def _drawn(self) -> tqdm:
+        if self._bar is None:
+            self._bar = tqdm(
+                total=None,
+                unit="it",
+                file=self._stream,
+                dynamic_ncols=True,
+                desc="waiting",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+            )
+        return self._bar
 
     def show(self, event: Event) -> None:
+        bar = self._drawn()
         if isinstance(event, Queued):
-            self._bar.set_description_str(f"queued ({event.position} ahead)")
+            bar.set_description_str(f"queued ({event.position} ahead)")
         elif isinstance(event, Started):
-            self._bar.reset(total=event.iterations_total)
-            self._bar.set_description_str(f"{event.job_id[:8]} on {event.device}")
+            bar.reset(total=event.iterations_total)
+            bar.set_description_str(f"{event.job_id[:8]} on {event.device}")
         elif isinstance(event, Progress):
             losses = event.losses
-            self._bar.set_postfix_str(
+            bar.set_postfix_str(
                 f"loss {losses.total:.4g} (content {losses.content:.3g}, style {losses.style:.3g}, "
                 f"tv {losses.total_variation:.3g}), ETA {event.eta_seconds:.0f}s, "
                 f"scale {event.scale + 1}/{event.scales} {event.width}x{event.height}",
                 refresh=False,
             )
-            self._bar.update(event.iteration - self._bar.n)
+            bar.update(event.iteration - bar.n)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def follow(stream: EventStream, outputs: Outputs, *, as_json: bool, bar: ProgressBar | None) -> Completed:

@@ -14,6 +14,7 @@ the server's to judge, because its operator can change them.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -227,6 +228,16 @@ def preview_options_to_proto(options: Mapping[str, object]) -> stylize_pb2.Previ
     return message
 
 
+def _shortest_float32(value: float) -> float:
+    """The shortest decimal that is the same float32: 0.02 comes back as 0.02, not 0.019999999552965164."""
+    single = struct.unpack("f", struct.pack("f", value))[0]
+    for digits in range(1, 10):
+        candidate = float(f"{single:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", candidate))[0] == single:
+            return candidate
+    return single
+
+
 def _from_proto(message: Any, specs: dict[str, OptionSpec]) -> dict[str, object]:
     values: dict[str, object] = {}
     for name, spec in specs.items():
@@ -238,7 +249,10 @@ def _from_proto(message: Any, specs: dict[str, OptionSpec]) -> dict[str, object]
             if choice is not None:
                 values[name] = spec.kind(choice) if issubclass(spec.kind, StrEnum) else choice
         elif message.HasField(name):
-            values[name] = getattr(message, name)
+            value = getattr(message, name)
+            values[name] = (
+                _shortest_float32(value) if spec.field.type == FieldDescriptor.TYPE_FLOAT else value
+            )
     return values
 
 
