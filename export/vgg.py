@@ -56,6 +56,7 @@ class Normalization:
 # torchvision's ImageNet models: RGB in [0, 1], per-channel mean and std.
 IMAGENET_NORMALIZATION = Normalization(name="imagenet", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 # The Caffe VGG19 (and neural-style's conversion of it): BGR in [0, 255], mean subtracted, no std.
+# neural-style(-pt) scales by 256, a 0.4% difference; 255 is the range Caffe's VGG was trained on.
 CAFFE_NORMALIZATION = Normalization(
     name="caffe", mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), scale=255.0, bgr=True
 )
