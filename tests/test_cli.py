@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from stylize.client import StylizeClient
+from stylize.client import Cancelled, StylizeClient
 from stylize.client.cli import build_parser
 from stylize.client.options import STYLE_OPTIONS
 
@@ -132,3 +134,17 @@ def test_submit_then_watch_then_info(server, tmp_path) -> None:
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["model"]["weights"] == "random"
     assert_one_line_error(stylize("--cancel", "no-such-job", "--server", server.address), 2)
+
+
+def test_interrupt_cancels_the_job_and_exits_130(server, tmp_path) -> None:
+    command = [*STYLIZE, CONTENT, STYLE, "-o", str(tmp_path / "o.png"), "--json", "--server", server.address,
+               "--size", "64", "--min-size", "64", "--initial-iterations", "2000"]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None
+        record = next(json.loads(line) for line in process.stdout if json.loads(line)["event"] == "progress")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and f"job {record['job_id']} cancelled" in stderr
+    with StylizeClient(server.address) as client, pytest.raises(Cancelled):
+        client.watch(record["job_id"], timeout=20).result()

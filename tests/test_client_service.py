@@ -128,3 +128,19 @@ def test_deadline_ends_a_long_job(server) -> None:
         with pytest.raises(DeadlineExceeded):
             client.stylize(CONTENT, [STYLE], timeout=1.5, **LONG).result()
         assert time.monotonic() - started < 10
+
+
+def test_async_stream_cancel_raises_cancelled_and_stops_the_job(server) -> None:
+    async def run() -> str:
+        async with AsyncStylizeClient(server.address) as client:
+            stream = client.stylize(CONTENT, [STYLE], **LONG)
+            with pytest.raises(Cancelled):
+                async for event in stream:
+                    if isinstance(event, Progress):
+                        stream.cancel()
+            assert stream.job_id
+            with pytest.raises(Cancelled):
+                await client.watch(stream.job_id, timeout=20).result()
+            return stream.job_id
+
+    assert asyncio.run(run())
