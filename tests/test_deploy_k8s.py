@@ -161,6 +161,9 @@ def test_termination_grace_outlasts_the_server_drain(overlay: str) -> None:
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = float(env_of(container)["STYLIZE_GRACE_SECONDS"])
     assert pod["terminationGracePeriodSeconds"] > pre_stop + grace
+    # Draining reports NOT_SERVING: liveness must not give up before the grace period is over.
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > pod["terminationGracePeriodSeconds"]
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))

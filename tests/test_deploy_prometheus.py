@@ -307,8 +307,17 @@ def png(color: tuple[int, int, int], size: int = 32) -> bytes:
     return buffer.getvalue()
 
 
-def run_small_job(address: str) -> None:
-    """One tiny job with previews, and one request the server rejects (a non-OK gRPC code to count)."""
+def send_bad_request(stub: stylize_pb2_grpc.StyleTransferStub) -> None:
+    """A request the server rejects: a non-OK gRPC code to count."""
+    bad = stylize_pb2.StylizeRequest(
+        content_image=b"not an image", styles=[stylize_pb2.StyleImage(image=png((20, 60, 220)))]
+    )
+    with pytest.raises(grpc.RpcError) as rejected:
+        list(stub.Stylize(bad, timeout=30))
+    assert rejected.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def run_small_job(stub: stylize_pb2_grpc.StyleTransferStub) -> None:
     request = stylize_pb2.StylizeRequest(
         content_image=png((200, 120, 40)),
         styles=[stylize_pb2.StyleImage(image=png((20, 60, 220)))],
@@ -318,14 +327,8 @@ def run_small_job(address: str) -> None:
         ),
         preview=stylize_pb2.PreviewOptions(every=1),
     )
-    with grpc.insecure_channel(address) as channel:
-        stub = stylize_pb2_grpc.StyleTransferStub(channel)
-        events = list(stub.Stylize(request, timeout=120))
-        assert events[-1].WhichOneof("event") == "completed"
-        bad = stylize_pb2.StylizeRequest(content_image=b"not an image", styles=request.styles)
-        with pytest.raises(grpc.RpcError) as rejected:
-            list(stub.Stylize(bad, timeout=30))
-        assert rejected.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    events = list(stub.Stylize(request, timeout=120))
+    assert events[-1].WhichOneof("event") == "completed"
 
 
 def exported_value(metrics_url: str, series: str) -> float:
@@ -337,16 +340,26 @@ def exported_value(metrics_url: str, series: str) -> float:
     raise AssertionError(f"{series} is not exported")
 
 
+def wait_for_scrapes_after(prometheus: Prometheus, moment: float, scrapes: int) -> None:
+    prometheus.wait_for(f'timestamp(up{{job="stylize"}}) > {moment + scrapes}')
+
+
 @pytest.fixture(scope="module")
 def scraped(prometheus: Prometheus, server) -> Prometheus:
-    """Prometheus after it scraped the server before and after a job (so rate() and quantiles have data)."""
-    prometheus.wait_for('up{job="stylize"} == 1')
-    run_small_job(server.address)
+    """Prometheus once every series the queries use has been scraped before and after it changed, so
+    rate() and histogram quantiles have an increase to show. Label sets appear on first use: a first bad
+    request creates the Stylize RPC's series before the measured job and the second bad request."""
+    with grpc.insecure_channel(server.address) as channel:
+        stub = stylize_pb2_grpc.StyleTransferStub(channel)
+        prometheus.wait_for('up{job="stylize"} == 1')
+        send_bad_request(stub)
+        wait_for_scrapes_after(prometheus, time.time(), 1)
+        run_small_job(stub)
+        send_bad_request(stub)
     finished = time.time()
     succeeded = exported_value(server.metrics_url, 'stylize_jobs_total{status="succeeded"}')
     prometheus.wait_for(f'stylize_jobs_total{{status="succeeded", pod="{POD}"}} >= {succeeded}')
-    # Two scrapes after the job, so that rate() over the new series has two samples.
-    prometheus.wait_for(f'timestamp(up{{job="stylize"}}) > {finished + 2}')
+    wait_for_scrapes_after(prometheus, finished, 2)
     return prometheus
 
 
