@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from serverproc import ServerProcess
+from serverproc import START_TIMEOUT, ServerProcess
 
 from stylize.client import StylizeClient
 
@@ -22,8 +22,17 @@ JOBS = 6
 
 @pytest.fixture(scope="module")
 def two_servers(model_dir: Path) -> Iterator[list[ServerProcess]]:
+    """Two servers starting side by side (start-up is mostly the parity probe: seconds of CPU each)."""
     with ExitStack() as stack:
-        yield [stack.enter_context(ServerProcess(model_dir)) for _ in range(2)]
+        servers = [
+            stack.enter_context(
+                ServerProcess(model_dir, "--device", "cpu", "--grace-seconds", "5", wait_for=None)
+            )
+            for _ in range(2)
+        ]
+        for server in servers:
+            server.wait_health("SERVING", START_TIMEOUT)
+        yield servers
 
 
 def succeeded_jobs(server: ServerProcess) -> float:
