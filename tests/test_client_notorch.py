@@ -1,5 +1,6 @@
-"""The client installs without the server's dependencies: it imports and runs a job with torch, numpy and
-onnxruntime made unimportable, as in a venv holding only the base dependencies."""
+"""The client installs without the server's dependencies: it imports and runs a job with every package of
+the `server` extra made unimportable (torch, numpy, onnxruntime, ...), as in a venv holding only the base
+dependencies."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "numpy", "onnxruntime", "onnx")
+# The import names of the `server` extra's packages.
+HEAVY = ("torch", "numpy", "onnxruntime", "onnx", "onnxscript", "prometheus_client", "grpc_health",
+         "grpc_reflection", "pynvml")  # fmt: skip
 
 # Runs in a fresh interpreter: a meta path finder refuses the heavy packages before anything imports them.
 SCRIPT = """
