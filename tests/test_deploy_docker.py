@@ -6,15 +6,19 @@ Docker itself cannot run here (no engine); the image is not built by the test su
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shlex
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from stylize.server.config import parse_config
 
@@ -22,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
+CONSTRAINTS = ROOT / "deploy" / "constraints.txt"
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -175,3 +180,48 @@ def unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def declared_dependencies() -> dict[str, Requirement]:
+    """pyproject.toml's base and `server` requirements: what the image must contain."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *project["optional-dependencies"]["server"]]
+    return {canonicalize_name(r.name): r for r in map(Requirement, requirements)}
+
+
+def pinned_versions() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_image_installs_every_declared_dependency_pinned() -> None:
+    declared = declared_dependencies()
+    pins = pinned_versions()
+    for name, requirement in declared.items():
+        assert name in pins, f"{name} is not pinned in deploy/constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} vs {requirement}"
+        )
+    (dependency_install, *_) = [
+        arguments
+        for keyword, arguments in instructions(DOCKERFILE.read_text())
+        if keyword == "RUN" and "--constraint" in arguments
+    ]
+    first_command = dependency_install.split("&&")[0]
+    words = first_command.split()
+    arguments = words[words.index("install") + 1 :]
+    installed = {canonicalize_name(w) for w in arguments if not w.startswith("-") and not w.endswith(".txt")}
+    assert installed == set(declared), "the Dockerfile's dependency install differs from pyproject.toml"
+
+
+def test_pins_are_the_versions_the_tests_run() -> None:
+    """Except torch, whose local build tag differs (+cpu here, the CUDA wheel in the image)."""
+    for name, version in pinned_versions().items():
+        if name not in declared_dependencies():
+            continue  # image-only packages (TensorRT libraries)
+        installed = importlib.metadata.version(name).split("+")[0]
+        assert installed == version, f"{name}: tests run {installed}, the image pins {version}"
