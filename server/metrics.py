@@ -215,9 +215,8 @@ class _CallRecorder:
             if error is None:
                 code = grpc.StatusCode.OK
             elif isinstance(error, asyncio.CancelledError):
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                # The caller cancelled, disconnected or ran out of time: the handler only sees cancellation.
+                code = grpc.StatusCode.CANCELLED
             else:
                 code = grpc.StatusCode.UNKNOWN
         if isinstance(code, int):  # aio contexts may hold the raw cygrpc integer

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # Fraction of the estimated run time a deadline must at least allow (see the module docstring).
 DEADLINE_MARGIN = 0.5
+# The server learns a deadline as a timeout relative to the request's arrival, so its copy ends slightly after
+# the client's: a caller whose deadline passed usually cancels (RST_STREAM) before the server's timer fires.
+# A call that ends this close to its deadline counts as deadline exceeded.
+DEADLINE_SKEW_SECONDS = 0.5
 
 
 def version() -> str:
@@ -94,8 +98,9 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
             job_request = await asyncio.to_thread(convert.request_from_proto, request, self._config.limits)
         except OptionsError as error:
             await self._reject(context, JobStatus.invalid(error))
-        remaining = context.time_remaining()
-        estimate = manager.estimate_run_seconds(job_request)
+        # Only a Stylize call lives as long as its job; SubmitJob's deadline covers the submission alone.
+        remaining = context.time_remaining() if owned_by_call else None
+        estimate = manager.estimate_run_seconds(job_request) if remaining is not None else None
         if remaining is not None and estimate is not None and remaining < DEADLINE_MARGIN * estimate:
             await self._reject(
                 context,
@@ -137,7 +142,7 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         if manager is None or job.watchers > 0:
             return
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= DEADLINE_SKEW_SECONDS:
             status = JobStatus(grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed")
         else:
             status = JobStatus(grpc.StatusCode.CANCELLED, "the caller cancelled")

@@ -10,19 +10,27 @@ parallel test runs never race for a port. The server's stdout and stderr go to o
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from stylize.v1 import stylize_pb2 as pb
 
 # The installed console script, beside the interpreter running the tests (the project's venv).
 SERVER_COMMAND = (str(Path(sys.executable).parent / "stylize-server"),)
@@ -181,3 +189,101 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+# ---------------------------------------------------------------- requests and scrapes for tests
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:
+    """A seeded noise image, PNG-encoded."""
+    image = Image.effect_noise(size, 30 + seed).convert("RGB")
+    image = Image.merge("RGB", [image.getchannel(0), image.getchannel(1).rotate(90), image.getchannel(2)])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# One 64 px scale and a few iterations: well under a second per job on a CPU.
+SMALL = {"size": 64, "min_size": 64, "initial_iterations": 6}
+# Adam iterations are cheap and many: a job that runs until it is cancelled.
+LONG = {"size": 64, "min_size": 64, "initial_iterations": 5000, "optimizer": pb.OPTIMIZER_ADAM}
+
+
+def stylize_request(options: dict | None = None, **fields: object) -> pb.StylizeRequest:
+    """A 64 px content and one style with `options` (StyleOptions fields); other request fields as given."""
+    request = pb.StylizeRequest(
+        content_image=png_bytes(1),
+        styles=[pb.StyleImage(image=png_bytes(2, (48, 64)))],
+        options=pb.StyleOptions(**(SMALL if options is None else options)),
+    )
+    for name, value in fields.items():
+        if isinstance(value, Message):
+            getattr(request, name).CopyFrom(value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def scrape(metrics_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a /metrics page: (name, labels) -> value."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: dict, name: str, **labels: str) -> float | None:
+    """The value of one sample whose labels include `labels` (summed when several match); None if absent."""
+    values = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
+    return sum(values) if values else None
+
+
+def collect(stream) -> tuple[list[pb.JobEvent], grpc.StatusCode]:
+    """Read a stream to its end: (events, final status code)."""
+    events = []
+    try:
+        for event in stream:
+            events.append(event)
+    except grpc.RpcError as error:
+        return events, error.code()
+    return events, grpc.StatusCode.OK
+
+
+def final_iteration(stub, job_id: str) -> tuple[int, grpc.StatusCode]:
+    """The job's last iteration (a late watcher's replay ends with the latest progress) and its end status."""
+    events, code = collect(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=60))
+    return max(e.progress.iteration for e in events if e.HasField("progress")), code
+
+
+# Iterations a cancelled job may still report after the canceller last saw one: the iteration that was
+# running plus events already on the wire (at 64 px an iteration takes tens of milliseconds).
+CANCEL_SLACK = 3
+
+
+class StreamReader(threading.Thread):
+    """Reads a stream continuously, so `latest` is the iteration the server sent last (no client backlog)."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.latest = 0
+        self.code: grpc.StatusCode | None = None
+        self.start()
+
+    def run(self) -> None:
+        _, self.code = collect(self._track())
+
+    def _track(self):
+        for event in self.stream:
+            if event.HasField("progress"):
+                self.latest = event.progress.iteration
+            yield event
+
+    def wait_for_iteration(self, iteration: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.latest < iteration and time.monotonic() < deadline and self.is_alive():
+            time.sleep(0.01)
+        assert self.latest >= iteration, "the job did not progress"
