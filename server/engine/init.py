@@ -1,0 +1,42 @@
+"""The starting image of the first scale.
+
+Randomness comes only from a torch.Generator seeded with the job's seed, on the CPU (so a
+seed gives the same picture on every device); the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from stylize.server.engine.options import Init
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def initial_image(
+    init: Init, content: Tensor, styles: Sequence[tuple[Tensor, float]], *, seed: int
+) -> Tensor:
+    """[C, H, W] in [0, 1], shaped like `content` (already at the first scale's size).
+
+    - content: the content itself;
+    - noise: uniform noise;
+    - gray: mid-gray;
+    - style_stats: Gaussian noise with the per-channel mean and standard deviation of the
+      styles (blended by weight), so the colours start where the style loss wants them.
+    """
+    if init == Init.CONTENT:
+        return content.clone()
+    if init == Init.NOISE:
+        return torch.rand(tuple(content.shape), generator=_generator(seed)).to(content.device)
+    if init == Init.GRAY:
+        return torch.full_like(content, 0.5)
+    total = sum(weight for _, weight in styles)
+    mean = sum(style.mean(dim=(1, 2)) * (weight / total) for style, weight in styles)
+    std = sum(style.std(dim=(1, 2)) * (weight / total) for style, weight in styles)
+    normal = torch.randn(tuple(content.shape), generator=_generator(seed)).to(content.device)
+    return (normal * std[:, None, None] + mean[:, None, None]).clamp(0, 1)

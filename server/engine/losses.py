@@ -1,0 +1,206 @@
+"""Loss terms of style transfer: small modules, each holding its target as a buffer.
+
+Normalization (why the weights carry over between image sizes and between weight kinds):
+every per-layer loss is a *relative* squared error, the squared error of a statistic
+divided by the squared magnitude of its target:
+
+- statistics are averages over positions (Gram = F F^T / positions, means, covariances),
+  so they do not grow with the image size;
+- dividing by the target's magnitude makes each layer's loss dimensionless, so a network
+  whose activations are 50x larger (Caffe's 0-255 input against torchvision's 0-1) gives
+  the same loss values, and every layer counts alike instead of the loudest one winning;
+- layer weights are relative inside their term (normalized to sum 1), so `style_weight`
+  means the same with two style layers or five.
+
+The total-variation term works on the image itself (RGB in [0, 1]): mean squared
+difference of neighbouring pixels.
+
+Every statistic and every loss is computed in float32 with autocast disabled, whatever
+precision the network ran in: a Gram matrix sums H*W products, which overflows in fp16 and
+loses the small differences the loss is made of in bf16 (8 bits of mantissa).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+# Added to divisors so an all-zero target (a black image at a layer) gives a finite loss.
+EPS = 1e-8
+
+
+def _fp32(features: Tensor) -> Tensor:
+    """Features as float32 [C, positions]: the channels of every image in the batch, all positions."""
+    return features.float().transpose(0, 1).flatten(1)
+
+
+def _no_autocast(tensor: Tensor) -> torch.autocast:
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def gram_matrix(features: Tensor) -> Tensor:
+    """[N, C, H, W] -> [C, C] float32, averaged over positions (F F^T / (N H W))."""
+    with _no_autocast(features):
+        flat = _fp32(features)
+        return flat @ flat.T / flat.shape[1]
+
+
+def mean_and_second_moment(features: Tensor) -> tuple[Tensor, Tensor]:
+    """[N, C, H, W] -> (mean [C], second raw moment [C, C]) in float32.
+
+    Raw moments (not the covariance) because they are what blends linearly across styles.
+    """
+    with _no_autocast(features):
+        flat = _fp32(features)
+        return flat.mean(1), flat @ flat.T / flat.shape[1]
+
+
+Statistic = TypeVar("Statistic", Tensor, tuple[Tensor, ...])
+
+
+def blend(statistics: Sequence[Statistic], weights: Sequence[float]) -> Statistic:
+    """Weighted average of one layer's statistics from several style images (weights normalized)."""
+    total = sum(weights)
+    shares = [w / total for w in weights]
+    if isinstance(statistics[0], Tensor):
+        return sum(s * share for s, share in zip(statistics, shares, strict=True))
+    return tuple(
+        sum(parts[i] * share for parts, share in zip(statistics, shares, strict=True))
+        for i in range(len(statistics[0]))
+    )
+
+
+class ContentLoss(nn.Module):
+    """Mean squared error of the features, relative to the target's mean square."""
+
+    def __init__(self, target: Tensor):
+        super().__init__()
+        target = target.detach().float()
+        self.register_buffer("target", target)
+        self.register_buffer("scale", 1.0 / (target.square().mean() + EPS))
+
+    def forward(self, features: Tensor) -> Tensor:
+        with _no_autocast(features):
+            return (features.float() - self.target).square().mean() * self.scale
+
+
+class GramStyleLoss(nn.Module):
+    """Gatys et al.'s style loss: mean squared error of Gram matrices, relative to the target's."""
+
+    statistics = staticmethod(gram_matrix)
+
+    def __init__(self, target: Tensor):
+        super().__init__()
+        target = target.detach().float()
+        self.register_buffer("target", target)
+        self.register_buffer("scale", 1.0 / (target.square().mean() + EPS))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return (gram_matrix(features) - self.target).square().mean() * self.scale
+
+
+class MeanCovarianceStyleLoss(nn.Module):
+    """Squared Wasserstein-2 distance between Gaussians fitted to the features and to the target:
+
+        ||mu - mu_t||^2 + tr(S) + tr(S_t) - 2 tr((S_t^1/2 S S_t^1/2)^1/2)
+
+    relative to the target's second moment tr(S_t) + ||mu_t||^2. S_t^1/2 comes from one eigh of
+    the target covariance, here. The last trace is the sum of square roots of the eigenvalues of
+    a symmetric matrix, taken with eigvalsh, whose gradient (V diag(g) V^T) stays finite when
+    eigenvalues repeat, as they do for the rank-deficient covariances of small feature maps
+    (eigh's gradient divides by eigenvalue gaps). Eigenvalues below a small floor get no
+    gradient, where d sqrt(x)/dx would blow up.
+    """
+
+    statistics = staticmethod(mean_and_second_moment)
+
+    def __init__(self, target: tuple[Tensor, Tensor], floor: float = 1e-8):
+        super().__init__()
+        mean, second_moment = (t.detach().float() for t in target)
+        covariance = second_moment - torch.outer(mean, mean)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        root = (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+        magnitude = torch.trace(second_moment)
+        self.register_buffer("mean", mean)
+        self.register_buffer("covariance_root", root.float())
+        self.register_buffer("covariance_trace", torch.trace(covariance))
+        self.register_buffer("scale", 1.0 / (magnitude + EPS))
+        # Floor for eigenvalues of S_t^1/2 S S_t^1/2 (units: variance squared).
+        self.register_buffer("floor", (magnitude / len(mean)) ** 2 * floor + EPS)
+
+    def forward(self, features: Tensor) -> Tensor:
+        mean, second_moment = mean_and_second_moment(features)
+        with _no_autocast(features):
+            covariance = second_moment - torch.outer(mean, mean)
+            product = self.covariance_root @ covariance @ self.covariance_root
+            eigenvalues = torch.linalg.eigvalsh((product + product.T) / 2)
+            root_trace = eigenvalues.clamp(min=self.floor).sqrt().sum()
+            distance = (
+                (mean - self.mean).square().sum()
+                + torch.trace(covariance)
+                + self.covariance_trace
+                - 2 * root_trace
+            )
+            return distance * self.scale
+
+
+STYLE_LOSSES: dict[str, type[GramStyleLoss] | type[MeanCovarianceStyleLoss]] = {
+    "gram": GramStyleLoss,
+    "mean_covariance": MeanCovarianceStyleLoss,
+}
+
+
+class TVLoss(nn.Module):
+    """Total variation: mean squared difference of vertically and horizontally neighbouring pixels."""
+
+    def forward(self, image: Tensor) -> Tensor:
+        with _no_autocast(image):
+            image = image.float()
+            vertical = (image[..., 1:, :] - image[..., :-1, :]).square().mean()
+            horizontal = (image[..., :, 1:] - image[..., :, :-1]).square().mean()
+            return vertical + horizontal
+
+
+class LayerSum(nn.Module):
+    """Weighted sum of per-layer losses; the weights are normalized to sum 1 (all zero: the sum is 0)."""
+
+    def __init__(self, losses: Mapping[str, nn.Module], weights: Mapping[str, float]):
+        super().__init__()
+        self.losses = nn.ModuleDict(losses)
+        total = sum(weights[name] for name in losses)
+        self.weights = {name: (weights[name] / total if total > 0 else 0.0) for name in losses}
+
+    def forward(self, features: Mapping[str, Tensor]) -> Tensor:
+        terms = [loss(features[name]) * self.weights[name] for name, loss in self.losses.items()]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+class Objective(nn.Module):
+    """The whole loss. Returns [total, content, style, total_variation], each already weighted,
+    as one tensor so that reading all four costs one device-to-host copy."""
+
+    def __init__(
+        self,
+        content: LayerSum,
+        style: LayerSum,
+        *,
+        content_weight: float,
+        style_weight: float,
+        tv_weight: float,
+    ):
+        super().__init__()
+        self.content = content
+        self.style = style
+        self.tv = TVLoss()
+        self.content_weight = content_weight
+        self.style_weight = style_weight
+        self.tv_weight = tv_weight
+
+    def forward(self, features: Mapping[str, Tensor], image: Tensor) -> Tensor:
+        content = self.content(features).to(image.device) * self.content_weight
+        style = self.style(features).to(image.device) * self.style_weight
+        tv = self.tv(image) * self.tv_weight
+        return torch.stack([content + style + tv, content, style, tv])

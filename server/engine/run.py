@@ -1,0 +1,322 @@
+"""The optimization loop: `stylize` turns a content image and styles into progress records and a result.
+
+It knows nothing of gRPC. Per scale of the coarse-to-fine schedule it resizes the
+content and the styles, computes the targets once (forward only: the caller's TargetFn,
+such as an ONNX Runtime session, or the torch extractor under no_grad), builds the loss
+modules with those targets as buffers, and runs the optimizer one iteration at a time.
+
+Host-device syncs: an iteration queues its work without waiting for the device; reading
+the loss values for a Progress record is one copy of four floats (a sync). Callers that
+need no per-iteration records on a GPU pass `progress_every` > 1 and the loop runs
+unsynchronized between records (Adam; L-BFGS syncs inside torch's implementation).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stylize.server.engine import color, schedule
+from stylize.server.engine.init import initial_image
+from stylize.server.engine.losses import STYLE_LOSSES, ContentLoss, LayerSum, Objective, blend
+from stylize.server.engine.optimizers import AdamStepper, LBFGSStepper, Stepper
+from stylize.server.engine.options import (
+    DEFAULT_LIMITS,
+    VGG19_LAYERS,
+    ColorMode,
+    FieldViolation,
+    Limits,
+    Optimizer,
+    OptionsError,
+    StyleOptions,
+    downsampling,
+    validate,
+)
+from stylize.server.engine.precision import network_autocast
+from stylize.server.engine.records import Cancelled, Losses, Progress, Result
+
+# Forward-only features of the configured layers for a [1, 3, H, W] RGB batch in [0, 1]
+# (on the engine's device); the returned tensors may live on any device.
+TargetFn = Callable[[Tensor], dict[str, Tensor]]
+# Anything with the torch extractor's interface (stylize.export.vgg.VGGFeatures).
+Extractor = torch.nn.Module
+
+
+def active_layers(options: StyleOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(content layers, style layers) that contribute to the loss, i.e. with a positive weight
+    inside a term of positive weight. Only these are computed: a deep layer that weighs nothing
+    would cost the most expensive convolutions of every iteration for nothing."""
+    content = tuple(name for name, w in options.content_layers if w > 0) if options.content_weight > 0 else ()
+    style = tuple(name for name, w in options.style_layers if w > 0) if options.style_weight > 0 else ()
+    return content, style
+
+
+def stylize(
+    content: Tensor,
+    styles: Sequence[tuple[Tensor, float]],
+    options: StyleOptions,
+    extractor: Extractor,
+    *,
+    device: torch.device,
+    targets: TargetFn | None = None,
+    preview_every: int = 0,
+    cancel: threading.Event | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    progress_every: int = 1,
+) -> Iterator[Progress | Result]:
+    """Validate at once (OptionsError naming the fields), then return the generator of the job.
+
+    content: [3, H, W] RGB float in [0, 1]; styles: (image [3, h, w], blend weight) pairs.
+    The generator yields a Progress per iteration (every `progress_every`-th, and always the
+    last of each scale and any iteration with a preview due), its `image` set when
+    `preview_every` divides the 1-based iteration, then one Result. It raises Cancelled within
+    one iteration of `cancel` being set. `targets`, when given, must compute the same features
+    as `extractor` configured with the job's pooling and padding; layers it does not return
+    come from the torch extractor. The extractor's parameters are moved to `device`.
+    """
+    _check_images(content, styles)
+    validate(
+        options,
+        limits,
+        content_size=(content.shape[-1], content.shape[-2]),
+        styles=len(styles),
+        style_weights=[weight for _, weight in styles],
+    )
+    if preview_every < 0 or progress_every < 1:
+        raise ValueError(
+            f"preview_every must be >= 0 and progress_every >= 1, got {preview_every}, {progress_every}"
+        )
+    return _Job(content, styles, options, extractor, device, targets, cancel).run(
+        preview_every, progress_every
+    )
+
+
+def _check_images(content: Tensor, styles: Sequence[tuple[Tensor, float]]) -> None:
+    violations = []
+    for name, image in [
+        ("content", content),
+        *((f"styles[{i}].image", s) for i, (s, _) in enumerate(styles)),
+    ]:
+        if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point() or image.numel() == 0:
+            violations.append(
+                FieldViolation(name, f"expected a float RGB tensor [3, H, W], got {tuple(image.shape)}")
+            )
+    if violations:
+        raise OptionsError(violations)
+
+
+def _resize(image: Tensor, height: int, width: int) -> Tensor:
+    """[N, C, H, W] -> [N, C, height, width], bicubic, antialiased when shrinking, clipped to [0, 1]."""
+    if image.shape[-2:] == (height, width):
+        return image
+    return F.interpolate(image, size=(height, width), mode="bicubic", antialias=True).clamp(0, 1)
+
+
+def _network_input(image: Tensor) -> Tensor:
+    """The optimized image as the network's input: luminance repeated to RGB; channels-last, the
+    layout oneDNN's and cuDNN's fastest convolutions (bf16 especially) want."""
+    if image.shape[1] == 1:
+        image = image.expand(-1, 3, -1, -1)
+    return image.contiguous(memory_format=torch.channels_last)
+
+
+class _Job:
+    def __init__(
+        self,
+        content: Tensor,
+        styles: Sequence[tuple[Tensor, float]],
+        options: StyleOptions,
+        extractor: Extractor,
+        device: torch.device,
+        targets: TargetFn | None,
+        cancel: threading.Event | None,
+    ):
+        self.options = o = options
+        self.device = device
+        self.cancel = cancel
+        self.targets = targets
+        self.content_layers, self.style_layers = active_layers(o)
+        layers = set(self.content_layers) | set(self.style_layers)
+        self.layers = tuple(name for name in VGG19_LAYERS if name in layers)
+        self.network = (
+            extractor.configured(layers=self.layers, pooling=o.pooling, padding=o.padding).to(device)
+            if self.layers
+            else None
+        )
+        self.autocast = lambda: network_autocast(o.precision, device)
+        self.smallest = max((downsampling(name) for name in self.layers), default=1)
+
+        self.content = content.to(device, torch.float32)[None]
+        total = sum(weight for _, weight in styles)
+        self.styles = [(style.to(device, torch.float32)[None], weight / total) for style, weight in styles]
+        if o.color == ColorMode.HISTOGRAM:
+            self.styles = [(color.match_colors(s[0], self.content[0])[None], w) for s, w in self.styles]
+        # What the optimization works on: RGB, or luminance alone (the chroma is added back at the end).
+        self.work_content = self.content
+        self.work_styles = self.styles
+        if o.color == ColorMode.LUMINANCE:
+            self.work_content = color.luminance(self.content)
+            self.work_styles = [
+                (color.match_luminance(color.luminance(s), self.work_content), w) for s, w in self.styles
+            ]
+
+    # ------------------------------------------------------------------ targets
+
+    def _target_features(self, image: Tensor) -> dict[str, Tensor]:
+        batch = image.expand(-1, 3, -1, -1)
+        found: dict[str, Tensor] = {}
+        if self.targets is not None:
+            computed = self.targets(batch)
+            found = {
+                name: computed[name].to(self.device, torch.float32)
+                for name in self.layers
+                if name in computed
+            }
+        missing = [name for name in self.layers if name not in found]
+        if missing:
+            with torch.no_grad():
+                found |= {
+                    name: f.float()
+                    for name, f in self.network(_network_input(batch)).items()
+                    if name in missing
+                }
+        return found
+
+    def _style_input(self, style: Tensor, edge: int) -> Tensor:
+        height, width = style.shape[-2:]
+        w, h = schedule.fit(edge, (width, height))
+        grow = max(1.0, self.smallest / min(w, h))  # tiny or elongated styles still reach the deepest layer
+        return _resize(style, round(h * grow), round(w * grow))
+
+    def _style_statistics(
+        self, style: Tensor, edge: int, statistics: Callable[[Tensor], object]
+    ) -> dict[str, object]:
+        features = self._target_features(self._style_input(style, edge))
+        return {name: statistics(features[name]) for name in self.style_layers}
+
+    def _objective(self, content: Tensor, edge: int) -> Objective:
+        o = self.options
+        content_features = self._target_features(content) if self.content_layers else {}
+        content_sum = LayerSum(
+            {name: ContentLoss(content_features[name]) for name in self.content_layers},
+            dict(o.content_layers),
+        )
+        style_loss = STYLE_LOSSES[o.style_loss]
+        per_style = [
+            self._style_statistics(style, round(edge * o.style_scale), style_loss.statistics)
+            for style, _ in (self.work_styles if self.style_layers else [])
+        ]
+        weights = [weight for _, weight in self.work_styles]
+        style_sum = LayerSum(
+            {name: style_loss(blend([s[name] for s in per_style], weights)) for name in self.style_layers},
+            dict(o.style_layers),
+        )
+        return Objective(
+            content_sum,
+            style_sum,
+            content_weight=o.content_weight,
+            style_weight=o.style_weight,
+            tv_weight=o.tv_weight,
+        ).to(self.device)
+
+    # ------------------------------------------------------------------ optimization
+
+    def _stepper(self, image: Tensor, previous: Stepper | None) -> Stepper:
+        o = self.options
+        if o.optimizer == Optimizer.LBFGS:
+            return LBFGSStepper(image, history=o.lbfgs_history)
+        stepper = AdamStepper(image, learning_rate=o.learning_rate, ema_decay=o.ema_decay)
+        if isinstance(previous, AdamStepper):
+            stepper.continue_from(previous)
+        return stepper
+
+    def _evaluate(self, objective: Objective, image: Tensor) -> Tensor:
+        """Loss terms at `image`, [total, content, style, tv]."""
+        if self.network is None:
+            return objective({}, image)
+        with self.autocast():
+            features = self.network(_network_input(image))
+        return objective(features, image)
+
+    def _colored(self, image: Tensor) -> Tensor:
+        """The optimized image as the RGB output ([1, 3, H, W])."""
+        if self.options.color != ColorMode.LUMINANCE:
+            return image
+        content = _resize(self.content, *image.shape[-2:])
+        return color.with_chroma(image, content)
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("the job was cancelled")
+
+    def run(self, preview_every: int, progress_every: int) -> Iterator[Progress | Result]:
+        o = self.options
+        start = time.perf_counter()
+        plan = schedule.plan(
+            size=o.size,
+            min_size=o.min_size,
+            scale_factor=o.scale_factor,
+            iterations=o.iterations,
+            initial_iterations=o.initial_iterations,
+            content_size=(self.content.shape[-1], self.content.shape[-2]),
+        )
+        iterations_total = sum(scale.iterations for scale in plan)
+        work_total = sum(scale.iterations * scale.pixels for scale in plan)
+        work_done = 0
+        iteration = 0
+        stepper: Stepper | None = None
+        objective: Objective | None = None
+        for index, scale in enumerate(plan):
+            self._check_cancel()
+            content = _resize(self.work_content, scale.height, scale.width)
+            objective = self._objective(content, max(scale.width, scale.height))
+            if stepper is None:
+                image = initial_image(
+                    o.init, content[0], [(s[0], w) for s, w in self.work_styles], seed=o.seed
+                )[None]
+            else:
+                image = _resize(stepper.output(), scale.height, scale.width)
+            stepper = self._stepper(image, stepper)
+
+            def closure(stepper: Stepper = stepper, objective: Objective = objective) -> Tensor:
+                terms = self._evaluate(objective, stepper.image)
+                terms[0].backward()
+                return terms.detach()
+
+            for step in range(1, scale.iterations + 1):
+                self._check_cancel()
+                terms = stepper.step(closure)
+                iteration += 1
+                work_done += scale.pixels
+                preview_due = preview_every > 0 and iteration % preview_every == 0
+                if not (preview_due or iteration % progress_every == 0 or step == scale.iterations):
+                    continue
+                elapsed = time.perf_counter() - start
+                yield Progress(
+                    iteration=iteration,
+                    iterations_total=iterations_total,
+                    scale=index,
+                    scales=len(plan),
+                    width=scale.width,
+                    height=scale.height,
+                    losses=Losses(*terms.tolist()),
+                    elapsed_seconds=elapsed,
+                    eta_seconds=elapsed / work_done * (work_total - work_done),
+                    image=self._colored(stepper.output())[0].cpu() if preview_due else None,
+                )
+        self._check_cancel()
+        output = stepper.output()
+        with torch.no_grad():
+            final = self._evaluate(objective, output)
+        return_image = self._colored(output)[0].cpu()
+        yield Result(
+            image=return_image,
+            losses=Losses(*final.tolist()),
+            iterations=iteration,
+            elapsed_seconds=time.perf_counter() - start,
+        )
