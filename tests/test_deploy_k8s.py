@@ -219,6 +219,7 @@ def test_pdb_and_hpa_target_the_deployment() -> None:
     pdb = one(objects, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     hpa = one(objects, "HorizontalPodAutoscaler")
+    assert "replicas" not in deployment["spec"], "kubectl apply would reset the autoscaler's replica count"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "stylize"}
     (metric,) = hpa["spec"]["metrics"]
     adapter = yaml.safe_load((DEPLOY / "prometheus" / "adapter-values.yaml").read_text())
