@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from PIL import Image
 
@@ -90,10 +92,18 @@ def _enum_to_proto(value: StrEnum, prefix: str) -> str:
     return prefix + value.value.upper()
 
 
+def from_float32(value: float) -> float:
+    """The shortest decimal that is this float32: a caller's 0.02 arrives as 0.019999999552965164 and is 0.02
+    again here, so wire values compare equal to the same numbers written in Python."""
+    return float(str(np.float32(value)))
+
+
+def _weight(message: pb.LayerWeight | pb.StyleImage) -> float:
+    return from_float32(message.weight) if message.HasField("weight") else DEFAULT_WEIGHT
+
+
 def _layers_from_proto(layers: Sequence[pb.LayerWeight]) -> tuple[tuple[str, float], ...]:
-    return tuple(
-        (layer.layer, layer.weight if layer.HasField("weight") else DEFAULT_WEIGHT) for layer in layers
-    )
+    return tuple((layer.layer, _weight(layer)) for layer in layers)
 
 
 def _absurd_weights(weights: Sequence[tuple[str, float]]) -> list[FieldViolation]:
@@ -126,10 +136,11 @@ def options_from_proto(message: pb.StyleOptions, path: str = "options") -> Style
             if layers:
                 values[name] = _layers_from_proto(layers)
         elif message.HasField(name):
-            values[name] = getattr(message, name)
+            value = getattr(message, name)
+            is_float = message.DESCRIPTOR.fields_by_name[name].type == FieldDescriptor.TYPE_FLOAT
+            values[name] = from_float32(value) if is_float else value
     if violations:
         raise OptionsError(violations)
-    # float32 on the wire: 1.41421356 arrives as 1.4142135381698608; fine for every consumer.
     return replace(DEFAULTS, **values)
 
 
@@ -210,7 +221,7 @@ def request_from_proto(request: pb.StylizeRequest, limits: Limits) -> JobRequest
     """
     violations: list[FieldViolation] = []
     content, style_images = _decode_all(request, limits, violations)
-    style_weights = [style.weight if style.HasField("weight") else DEFAULT_WEIGHT for style in request.styles]
+    style_weights = [_weight(style) for style in request.styles]
 
     options = DEFAULTS
     try:
