@@ -269,6 +269,7 @@ class StreamReader(threading.Thread):
     def __init__(self, stream):
         super().__init__(daemon=True)
         self.stream = stream
+        self.events: list[pb.JobEvent] = []
         self.latest = 0
         self.code: grpc.StatusCode | None = None
         self.start()
@@ -278,9 +279,17 @@ class StreamReader(threading.Thread):
 
     def _track(self):
         for event in self.stream:
+            self.events.append(event)
             if event.HasField("progress"):
                 self.latest = event.progress.iteration
             yield event
+
+    def wait_for_events(self, count: int, timeout: float = 60) -> None:
+        """Until `count` events arrived (the first one, queued, means the job was accepted)."""
+        deadline = time.monotonic() + timeout
+        while len(self.events) < count and time.monotonic() < deadline and self.is_alive():
+            time.sleep(0.01)
+        assert len(self.events) >= count, f"the stream ended or stalled after {len(self.events)} events"
 
     def wait_for_iteration(self, iteration: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

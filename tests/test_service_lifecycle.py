@@ -121,10 +121,16 @@ def test_a_full_queue_refuses_the_next_job_with_resource_exhausted(model_dir) ->
 
 
 def test_sigterm_lets_jobs_finish_within_the_grace_period_cancels_the_rest_and_exits_0(model_dir) -> None:
-    with ServerProcess(model_dir, "--device", "cpu", "--workers", "1", "--grace-seconds", "4") as server:
+    # Generous for a two-iteration job even on a loaded 2-core machine.
+    grace = 10
+    with ServerProcess(
+        model_dir, "--device", "cpu", "--workers", "1", "--grace-seconds", str(grace)
+    ) as server:
         stub = stub_for(server)
-        short = StreamReader(stub.Stylize(stylize_request(SMALL)))
+        short = StreamReader(stub.Stylize(stylize_request({**SMALL, "initial_iterations": 2})))
+        short.wait_for_events(1)
         long = StreamReader(stub.Stylize(stylize_request(LONG)))  # queued behind the short one
+        long.wait_for_events(1)
         short.wait_for_iteration(1)
         server.signal()
         signalled = time.monotonic()
@@ -140,7 +146,7 @@ def test_sigterm_lets_jobs_finish_within_the_grace_period_cancels_the_rest_and_e
         assert short.code == grpc.StatusCode.OK  # finished within the grace period
         assert long.code == grpc.StatusCode.UNAVAILABLE and long.latest >= 1
         log = server.log()
-        assert "grace period of 4 s over: cancelling 1 job(s)" in log
+        assert f"grace period of {grace} s over: cancelling 1 job(s)" in log
         assert "Traceback" not in log
 
 
