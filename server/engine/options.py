@@ -249,8 +249,8 @@ def _check_content(
     if width < 1 or height < 1:
         found.add("content", f"image is empty ({width}x{height})")
         return
-    if not sizes["size"]:
-        return
+    if not sizes["size"] or o.size > limits.max_size:
+        return  # already reported
     out_w, out_h = schedule.fit(o.size, content_size)
     if out_w * out_h > limits.max_pixels:
         found.add(

@@ -79,14 +79,19 @@ def stylize(
     as `extractor` configured with the job's pooling and padding; layers it does not return
     come from the torch extractor. The extractor's parameters are moved to `device`.
     """
-    _check_images(content, styles)
-    validate(
-        options,
-        limits,
-        content_size=(content.shape[-1], content.shape[-2]),
-        styles=len(styles),
-        style_weights=[weight for _, weight in styles],
-    )
+    violations = _image_violations(content, styles)
+    try:
+        validate(
+            options,
+            limits,
+            content_size=None if violations else (content.shape[-1], content.shape[-2]),
+            styles=len(styles),
+            style_weights=[weight for _, weight in styles],
+        )
+    except OptionsError as error:
+        violations += error.violations
+    if violations:
+        raise OptionsError(violations)
     if preview_every < 0 or progress_every < 1:
         raise ValueError(
             f"preview_every must be >= 0 and progress_every >= 1, got {preview_every}, {progress_every}"
@@ -96,18 +101,13 @@ def stylize(
     )
 
 
-def _check_images(content: Tensor, styles: Sequence[tuple[Tensor, float]]) -> None:
-    violations = []
-    for name, image in [
-        ("content", content),
-        *((f"styles[{i}].image", s) for i, (s, _) in enumerate(styles)),
-    ]:
-        if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point() or image.numel() == 0:
-            violations.append(
-                FieldViolation(name, f"expected a float RGB tensor [3, H, W], got {tuple(image.shape)}")
-            )
-    if violations:
-        raise OptionsError(violations)
+def _image_violations(content: Tensor, styles: Sequence[tuple[Tensor, float]]) -> list[FieldViolation]:
+    images = [("content", content), *((f"styles[{i}].image", style) for i, (style, _) in enumerate(styles))]
+    return [
+        FieldViolation(name, f"expected a float RGB tensor [3, H, W], got {tuple(image.shape)}")
+        for name, image in images
+        if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point() or image.numel() == 0
+    ]
 
 
 def _resize(image: Tensor, height: int, width: int) -> Tensor:

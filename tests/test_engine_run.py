@@ -1,0 +1,225 @@
+"""The stylize loop end to end on the CPU with seeded random VGG weights, at 32-64 pixels."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from stylize.export.vgg import VGGFeatures, random_state_dict
+from stylize.server.engine import color
+from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
+from stylize.server.engine.options import DEFAULTS, Limits, OptionsError, StyleOptions
+from stylize.server.engine.records import Cancelled, Progress, Result
+from stylize.server.engine.run import stylize
+
+SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
+CPU = torch.device("cpu")
+
+
+def sample(name: str, edge: int) -> torch.Tensor:
+    image = Image.open(SAMPLES / name)
+    image.thumbnail((edge, edge))
+    return pil_to_tensor(image)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Other test modules run torch at the same time on this small machine; one intra-op thread
+    avoids the oversubscription that makes threaded LAPACK calls (eigh) 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def extractor() -> VGGFeatures:
+    return VGGFeatures().load_weights(random_state_dict(0))
+
+
+@pytest.fixture(scope="module")
+def content() -> torch.Tensor:
+    return sample("chelsea.png", 96)
+
+
+@pytest.fixture(scope="module")
+def style() -> torch.Tensor:
+    return sample("hubble_deep_field.jpg", 96)
+
+
+def small(**changes: object) -> StyleOptions:
+    """Default options at a small single scale with few iterations, plus `changes`."""
+    base = {"size": 32, "min_size": 32, "initial_iterations": 3, "iterations": 2}
+    return dataclasses.replace(DEFAULTS, **(base | changes))
+
+
+def run(content, styles, options, extractor, **kwargs) -> tuple[list[Progress], Result]:
+    records = list(stylize(content, styles, options, extractor, device=CPU, **kwargs))
+    *progress, result = records
+    assert isinstance(result, Result) and all(isinstance(p, Progress) for p in progress)
+    return progress, result
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"optimizer": "adam"},
+        {"optimizer": "adam", "ema_decay": 0.0},
+        {"style_loss": "mean_covariance"},
+        {"init": "noise"},
+        {"init": "gray"},
+        {"init": "style_stats"},
+        {"color": "luminance"},
+        {"color": "histogram"},
+        {"pooling": "average"},
+        {"padding": "replicate"},
+        {"precision": "fp32"},
+        {"precision": "bf16"},
+        {"style_scale": 0.5},
+        {"style_scale": 2.0},
+        {"content_weight": 0.0},
+        {"tv_weight": 0.0, "content_layers": (("relu3_1", 1.0), ("conv4_2", 0.5))},
+        {"style_layers": (("relu1_1", 1.0), ("relu2_1", 0.0))},  # network stops at relu4_2
+        {"size": 48, "min_size": 32, "scale_factor": 1.5},
+    ],
+    ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()) or "defaults",
+)
+def test_every_feature_runs(changes, content, style, extractor) -> None:
+    options = small(**changes)
+    progress, result = run(content, [(style, 1.0)], options, extractor)
+    assert len(progress) == result.iterations == progress[-1].iterations_total
+    assert [p.iteration for p in progress] == list(range(1, result.iterations + 1))
+    longest = max(result.image.shape[1:])
+    assert result.image.shape[0] == 3 and longest == options.size
+    assert result.image.min() >= 0 and result.image.max() <= 1
+    assert math.isfinite(result.losses.total) and math.isfinite(progress[0].losses.total)
+    assert result.losses.total == pytest.approx(
+        result.losses.content + result.losses.style + result.losses.total_variation, rel=1e-5
+    )
+
+
+def test_several_styles_blend_by_weight(content, style, extractor) -> None:
+    other = sample("ihc.png", 64)
+    options = small(initial_iterations=1)
+    _, only_first = run(content, [(style, 1.0), (other, 0.0)], options, extractor)
+    _, alone = run(content, [(style, 1.0)], options, extractor)
+    _, mixed = run(content, [(style, 1.0), (other, 3.0)], options, extractor)
+    assert torch.equal(only_first.image, alone.image)  # weight 0 contributes nothing
+    assert not torch.equal(mixed.image, alone.image)
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_loss_falls_by_90_percent_within_200_iterations_at_defaults(
+    optimizer, content, style, extractor
+) -> None:
+    # Only the schedule changes (one 64 px scale of 200 iterations); optimizer and loss settings are defaults.
+    options = dataclasses.replace(DEFAULTS, optimizer=optimizer, size=64, min_size=64, initial_iterations=200)
+    progress, result = run(content, [(style, 1.0)], options, extractor)
+    start = progress[0].losses.total
+    assert result.iterations == 200
+    assert result.losses.total <= 0.1 * start, (start, result.losses)
+
+
+def test_luminance_transfer_keeps_the_content_chroma(content, style, extractor) -> None:
+    _, result = run(content, [(style, 1.0)], small(color="luminance", initial_iterations=10), extractor)
+    height, width = result.image.shape[1:]
+    expected = F.interpolate(content[None], size=(height, width), mode="bicubic", antialias=True).clamp(0, 1)[
+        0
+    ]
+    chroma_out = color.rgb_to_ycbcr(result.image)[1:]
+    chroma_content = color.rgb_to_ycbcr(expected)[1:]
+    assert (chroma_out - chroma_content).abs().mean() < 0.01
+    # ... while the luminance did change: the style was transferred.
+    assert (color.luminance(result.image) - color.luminance(expected)).abs().mean() > 0.01
+    _, plain = run(content, [(style, 1.0)], small(initial_iterations=10), extractor)
+    assert (color.rgb_to_ycbcr(plain.image)[1:] - chroma_content).abs().mean() > 0.01
+
+
+@pytest.mark.parametrize("changes", [{"init": "noise", "optimizer": "adam"}, {"init": "style_stats"}])
+def test_same_seed_gives_the_same_output(changes, content, style, extractor) -> None:
+    torch.manual_seed(123)  # the global RNG plays no part
+    _, first = run(content, [(style, 1.0)], small(seed=7, **changes), extractor)
+    torch.manual_seed(456)
+    _, second = run(content, [(style, 1.0)], small(seed=7, **changes), extractor)
+    _, other_seed = run(content, [(style, 1.0)], small(seed=8, **changes), extractor)
+    assert torch.equal(first.image, second.image)
+    assert not torch.equal(first.image, other_seed.image)
+
+
+def test_cancellation_stops_within_one_iteration(content, style, extractor) -> None:
+    cancel = threading.Event()
+    jobs: Iterator = stylize(
+        content, [(style, 1.0)], small(initial_iterations=50), extractor, device=CPU, cancel=cancel
+    )
+    seen = []
+    with pytest.raises(Cancelled):
+        for record in jobs:
+            seen.append(record)
+            if record.iteration == 3:
+                cancel.set()
+    assert [r.iteration for r in seen] == [1, 2, 3]
+
+
+def test_previews_come_when_due_and_progress_reports_time(content, style, extractor) -> None:
+    options = small(size=48, min_size=32, scale_factor=1.5, initial_iterations=4, iterations=3)
+    progress, result = run(content, [(style, 1.0)], options, extractor, preview_every=3)
+    with_image = [p.iteration for p in progress if p.image is not None]
+    assert with_image == [3, 6]
+    assert [(p.scale, p.width, p.height) for p in progress] == [(0, 32, 21)] * 4 + [(1, 48, 32)] * 3
+    preview = progress[5].image
+    assert preview.shape == (3, 32, 48) and preview.device.type == "cpu"
+    assert progress[-1].eta_seconds == 0
+    elapsed = [p.elapsed_seconds for p in progress]
+    assert elapsed == sorted(elapsed) and result.elapsed_seconds >= elapsed[-1]
+
+
+def test_progress_every_thins_the_records_but_keeps_scale_ends(content, style, extractor) -> None:
+    options = small(size=48, min_size=32, scale_factor=1.5, initial_iterations=5, iterations=5)
+    progress, _ = run(content, [(style, 1.0)], options, extractor, progress_every=4)
+    assert [p.iteration for p in progress] == [4, 5, 8, 10]
+
+
+def test_targets_function_replaces_the_extractor_for_targets(content, style, extractor) -> None:
+    calls = []
+
+    def targets(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        calls.append(tuple(batch.shape))
+        with torch.no_grad():
+            return extractor(batch)
+
+    options = small(precision="fp32", initial_iterations=2)
+    _, with_fn = run(content, [(style, 1.0)], options, extractor, targets=targets)
+    _, without = run(content, [(style, 1.0)], options, extractor)
+    assert len(calls) == 2  # content and style, once each at the one scale
+    assert torch.allclose(with_fn.image, without.image, atol=1e-3)
+
+
+def test_bad_input_is_rejected_before_any_work(content, style) -> None:
+    not_an_extractor = object()  # any use of it would raise AttributeError
+    with pytest.raises(OptionsError) as caught:
+        stylize(content, [(style, 1.0)], small(size=4096), not_an_extractor, device=CPU)
+    assert [v.field for v in caught.value.violations] == ["size"]
+    with pytest.raises(OptionsError) as caught:
+        stylize(content, [], small(), not_an_extractor, device=CPU, limits=Limits(max_styles=2))
+    assert [v.field for v in caught.value.violations] == ["styles"]
+    with pytest.raises(OptionsError) as caught:
+        stylize(content[:1], [(style, -1.0)], small(), not_an_extractor, device=CPU)
+    assert {v.field for v in caught.value.violations} == {"content", "styles[0].weight"}
+
+
+def test_image_conversion_round_trip_and_alpha_on_white() -> None:
+    image = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    pil = tensor_to_pil(image)
+    assert pil.size == (7, 5) and pil.mode == "RGB"
+    assert (pil_to_tensor(pil) - image).abs().max() <= 0.5 / 255 + 1e-6
+    transparent = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert torch.equal(pil_to_tensor(transparent), torch.ones(3, 2, 2))
