@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 # pytest puts tests/ on sys.path (rootdir conftest, no __init__.py): test modules import serverproc too.
-from serverproc import ServerProcess
-
-EXPORT_COMMAND = str(Path(sys.executable).parent / "stylize-export")
-
-
-def export_random_model(out: Path, *args: str) -> Path:
-    """stylize-export --weights random into `out` (seconds on a CPU); returns `out`."""
-    result = subprocess.run(
-        [EXPORT_COMMAND, "--weights", "random", "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"stylize-export failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-    return out
+from serverproc import ServerProcess, export_random_model
 
 
 @pytest.fixture(scope="session")

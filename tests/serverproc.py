@@ -36,8 +36,24 @@ from stylize.v1 import stylize_pb2 as pb
 SERVER_COMMAND = (str(Path(sys.executable).parent / "stylize-server"),)
 LISTENING = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+) metrics on :(?P<metrics_port>\d+)")
 SERVICE_NAME = "stylize.v1.StyleTransfer"
+EXPORT_COMMAND = str(Path(sys.executable).parent / "stylize-export")
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
+
+
+def export_random_model(out: Path, *args: str) -> Path:
+    """stylize-export --weights random into `out` (seconds on a CPU); returns `out`."""
+    result = subprocess.run(
+        [EXPORT_COMMAND, "--weights", "random", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"stylize-export failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return out
 
 
 class ServerFailed(AssertionError):

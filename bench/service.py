@@ -1,0 +1,147 @@
+"""What the service costs on top of the engine, and how long the server takes to start. Prints JSON.
+
+    .venv/bin/python bench/service.py [--model-dir DIR] [--size 128] [--iterations 20] [--repeats 5]
+
+The same job (sample content and style, one scale of --size px, --iterations L-BFGS iterations, no
+previews) runs alternately
+- through a real stylize-server subprocess: encoded bytes in, Stylize stream, PNG bytes out (client wall
+  time from the call to the Completed event), and
+- through the engine in this process: the same Runtime the server builds (torch extractor, ONNX Runtime
+  targets), from decoded images to the result tensor.
+Alternating (A B A B ...) keeps slow drifts of a shared machine out of the ratio; medians are reported.
+The overhead includes request decoding, queueing, event conversion, the final PNG encoding and gRPC.
+
+Start-up time: from spawning the process to health SERVING (imports, artifact, ONNX Runtime session,
+parity probe), median of --startups runs; `serving_after_seconds` is the server's own figure (from the
+start of its main loop), without interpreter start and imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' server harness: one way to run a server subprocess
+
+from serverproc import ServerProcess, export_random_model  # noqa: E402
+
+from stylize.server import convert  # noqa: E402
+from stylize.server.config import parse_config  # noqa: E402
+from stylize.server.engine.records import Result  # noqa: E402
+from stylize.server.runtime import Runtime  # noqa: E402
+from stylize.v1 import stylize_pb2 as pb  # noqa: E402
+from stylize.v1 import stylize_pb2_grpc  # noqa: E402
+
+SAMPLES = ROOT / "assets" / "samples"
+SERVING_AFTER = re.compile(r"SERVING after (\d+\.\d+) s")
+
+
+def the_request(size: int, iterations: int) -> pb.StylizeRequest:
+    return pb.StylizeRequest(
+        content_image=(SAMPLES / "chelsea.png").read_bytes(),
+        styles=[pb.StyleImage(image=(SAMPLES / "coffee.png").read_bytes())],
+        options=pb.StyleOptions(size=size, min_size=size, initial_iterations=iterations),
+    )
+
+
+def through_service(stub: stylize_pb2_grpc.StyleTransferStub, request: pb.StylizeRequest) -> float:
+    began = time.perf_counter()
+    for event in stub.Stylize(request):
+        if event.HasField("completed"):
+            return time.perf_counter() - began
+    raise RuntimeError("the stream ended without a result")
+
+
+def through_engine(runtime: Runtime, job: convert.JobRequest) -> float:
+    began = time.perf_counter()
+    _, records = runtime.run(job, threading.Event(), 0)
+    results = [record for record in records if isinstance(record, Result)]
+    assert len(results) == 1
+    return time.perf_counter() - began
+
+
+def startup(model_dir: Path, device: str, env: dict[str, str]) -> tuple[float, float]:
+    """(seconds from spawn to SERVING, the server's own 'SERVING after' figure)."""
+    began = time.perf_counter()
+    with ServerProcess(model_dir, "--device", device, env=env) as server:
+        spawn_to_serving = time.perf_counter() - began
+        own = float(SERVING_AFTER.search(server.log())[1])
+    return spawn_to_serving, own
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", type=Path, help="artifact to use (default: export random weights)")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--startups", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch/OpenMP threads on both sides (0: torch's default). On a shared, oversubscribed CPU, 1 "
+        "avoids OpenMP barrier stalls that make single runs vary tenfold",
+    )
+    args = parser.parse_args()
+    env = {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        env = {"OMP_NUM_THREADS": str(args.threads)}
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = args.model_dir or export_random_model(Path(scratch))
+        startups = [startup(model_dir, args.device, env) for _ in range(args.startups)]
+
+        request = the_request(args.size, args.iterations)
+        config = parse_config(["--model-dir", str(model_dir), "--device", args.device], environ={})
+        runtime = Runtime(config)
+        job = convert.request_from_proto(request, config.limits)
+        service_runs, engine_runs = [], []
+        with ServerProcess(model_dir, "--device", args.device, env=env) as server:
+            stub = stylize_pb2_grpc.StyleTransferStub(grpc.insecure_channel(server.address))
+            through_service(stub, request)  # warm-up: first-call allocations on both sides
+            through_engine(runtime, job)
+            for _ in range(args.repeats):
+                service_runs.append(through_service(stub, request))
+                engine_runs.append(through_engine(runtime, job))
+
+    service, engine = statistics.median(service_runs), statistics.median(engine_runs)
+    print(
+        json.dumps(
+            {
+                "benchmark": "service_overhead",
+                "device": args.device,
+                "threads": args.threads or torch.get_num_threads(),
+                "size": args.size,
+                "iterations": args.iterations,
+                "repeats": args.repeats,
+                "service_seconds_median": round(service, 4),
+                "engine_seconds_median": round(engine, 4),
+                "overhead_ratio": round(service / engine - 1, 4),
+                "goal_overhead_ratio": 0.05,
+                "service_seconds": [round(s, 4) for s in service_runs],
+                "engine_seconds": [round(s, 4) for s in engine_runs],
+                "startup_seconds_median": round(statistics.median(s for s, _ in startups), 3),
+                "serving_after_seconds_median": round(statistics.median(o for _, o in startups), 3),
+                "startup_seconds": [round(s, 3) for s, _ in startups],
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
