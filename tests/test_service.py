@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 from serverproc import (
     CANCEL_SLACK,
@@ -322,3 +323,14 @@ def _nvml_sees_a_gpu() -> bool:
         return pynvml.nvmlDeviceGetCount() > 0
     except Exception:
         return False
+
+
+def test_reflection_lists_the_services(server) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"stylize.v1.StyleTransfer", "grpc.health.v1.Health"} <= services
+
+
+def test_health_reports_serving_for_the_server_and_the_service(server) -> None:
+    assert server.health("") == "SERVING"
+    assert server.health("stylize.v1.StyleTransfer") == "SERVING"

@@ -189,6 +189,30 @@ def test_cancelling_a_queued_job_frees_its_place_at_once() -> None:
     assert draining.code == grpc.StatusCode.UNAVAILABLE and draining.message == "server shutting down"
 
 
+def test_a_finished_job_is_forgotten_after_its_ttl() -> None:
+    async def scenario():
+        metrics = ServiceMetrics(new_registry())
+        manager = jobs.JobManager(
+            FakeEngine(iterations=1),
+            metrics,
+            workers=1,
+            max_queue=1,
+            finished_job_ttl=0.2,
+            loop=asyncio.get_running_loop(),
+        )
+        manager.start()
+        job, _ = manager.submit(a_request(), owned_by_call=False)
+        async for _ in job.subscribe().events():
+            pass
+        kept = manager.get(job.id) is job
+        await asyncio.sleep(0.5)
+        forgotten = manager.get(job.id) is None
+        await manager.drain(1.0)
+        return kept, forgotten
+
+    assert asyncio.run(scenario()) == (True, True)
+
+
 # ---------------------------------------------------------------- configuration
 
 
