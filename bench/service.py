@@ -8,7 +8,8 @@ previews) runs alternately
   time from the call to the Completed event), and
 - through the engine in this process: the same Runtime the server builds (torch extractor, ONNX Runtime
   targets), from decoded images to the result tensor.
-Alternating (A B A B ...) keeps slow drifts of a shared machine out of the ratio; medians are reported.
+Alternating (A B B A ...) keeps slow drifts of a shared machine and the order within a pair out of the
+ratio; medians are reported.
 The overhead includes request decoding, queueing, event conversion, the final PNG encoding and gRPC.
 
 Start-up time: from spawning the process to health SERVING (imports, artifact, ONNX Runtime session,
@@ -114,9 +115,14 @@ def main() -> None:
             stub = stylize_pb2_grpc.StyleTransferStub(grpc.insecure_channel(server.address))
             through_service(stub, request)  # warm-up: first-call allocations on both sides
             through_engine(runtime, job)
-            for _ in range(args.repeats):
-                service_runs.append(through_service(stub, request))
-                engine_runs.append(through_engine(runtime, job))
+            for repeat in range(args.repeats):
+                # A B B A ...: whatever the position in a pair costs falls on both sides alike.
+                if repeat % 2 == 0:
+                    service_runs.append(through_service(stub, request))
+                    engine_runs.append(through_engine(runtime, job))
+                else:
+                    engine_runs.append(through_engine(runtime, job))
+                    service_runs.append(through_service(stub, request))
 
     service, engine = statistics.median(service_runs), statistics.median(engine_runs)
     print(
