@@ -43,6 +43,13 @@ class ServerConfig:
     log_level: str = "INFO"
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -88,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Neural style transfer as a streaming gRPC service (stylize.v1.StyleTransfer). "
         f"Every flag can also be set by an environment variable {ENV_PREFIX}<FLAG> "
         f"(for example --max-queue as {ENV_PREFIX}MAX_QUEUE); a flag beats its variable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     add = parser.add_argument
     add(
@@ -120,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--providers",
         type=_providers,
-        default=("auto",),
+        default="auto",
         help="ONNX Runtime execution providers in order, e.g. tensorrt,cuda,cpu; auto = tensorrt,cuda,cpu "
         "with a GPU, cpu without. Named providers that do not really run abort start-up",
     )
@@ -198,8 +205,8 @@ def _env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
             parser.error(f"{variable}={text!r}: {error}")
         if action.choices is not None and value not in action.choices:
             parser.error(f"{variable}={text!r}: choose from {', '.join(map(str, action.choices))}")
-        action.default = value
-        action.required = False
+        # A string default goes through the flag's type at parse time, like a command-line value.
+        action.default = text
 
 
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
