@@ -105,6 +105,11 @@ def provider_chain(config: ServerConfig, device: torch.device) -> list[tuple[str
     device_id = str(device.index or 0)
     max_edge = config.limits.max_size
     cache = config.trt_cache_dir or config.model_dir / "trt-cache"
+    if "tensorrt" in names:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StartupError(f"TensorRT engine cache {cache}: {error}; set --trt-cache-dir") from None
     options = {
         "tensorrt": {
             "device_id": device_id,
