@@ -233,6 +233,7 @@ class JobManager:
         self._threads: list[threading.Thread] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        self._grace_cut = asyncio.Event()
         self.draining = False
         # Seconds per output pixel per iteration, measured by the workers (None until the first iteration).
         self.seconds_per_pixel_iteration: float | None = None
@@ -310,11 +311,14 @@ class JobManager:
         return speed * sum(scale.pixels * scale.iterations for scale in scales)
 
     async def drain(self, grace_seconds: float, cancel_wait_seconds: float = 30.0) -> None:
-        """Refuse new jobs, let queued and running ones finish for `grace_seconds`, cancel the rest."""
+        """Refuse new jobs, let queued and running ones finish for `grace_seconds` (or until end_grace()),
+        then cancel the rest."""
         self.draining = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace_seconds)
-        except TimeoutError:
+        waits = [asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(self._grace_cut.wait())]
+        await asyncio.wait(waits, timeout=grace_seconds, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        if not self._idle.is_set():
             busy = [job for job in self._jobs.values() if not job.finished]
             log.warning("grace period of %.0f s over: cancelling %d job(s)", grace_seconds, len(busy))
             for job in busy:
@@ -326,6 +330,10 @@ class JobManager:
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
+
+    def end_grace(self) -> None:
+        """Cut a running drain's grace period short (a second SIGTERM)."""
+        self._grace_cut.set()
 
     def _finish(self, job: Job, state: int, status: JobStatus | None) -> None:
         job.finish(state, status)

@@ -8,8 +8,9 @@ overall service "" and for "stylize.v1.StyleTransfer". The line
 is printed to stdout once both ports are bound (tests and scripts read the ports chosen with 0 from it).
 
 Shutdown on SIGTERM/SIGINT: health NOT_SERVING at once; new jobs get UNAVAILABLE "server shutting down";
-queued and running jobs get --grace-seconds to finish, then are cancelled and their streams end with
-UNAVAILABLE "server shutting down"; exit code 0. Start-up errors print one line to stderr, exit code 2.
+queued and running jobs get --grace-seconds to finish (a second signal ends the grace period at once), then
+are cancelled and their streams end with UNAVAILABLE "server shutting down"; exit code 0. Start-up errors
+print one line to stderr, exit code 2.
 
 Keepalive (clients should match): the server pings an idle connection every 30 s and drops it when the
 ping is not answered within 10 s; clients may ping as often as every 10 s, also with no call in flight
@@ -157,10 +158,18 @@ async def serve(config: ServerConfig) -> int:
             log.error("NOT_SERVING after %.2f s: the parity probe failed (table above)", ready_seconds)
 
         await stopped
+        stop.clear()
         log.info("shutting down: NOT_SERVING, draining jobs for up to %.0f s", config.grace_seconds)
         metrics.serving.set(0)
         await health_servicer.enter_graceful_shutdown()
-        await manager.drain(config.grace_seconds)
+        draining = asyncio.ensure_future(manager.drain(config.grace_seconds))
+        again = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((draining, again), return_when=asyncio.FIRST_COMPLETED)
+        if not draining.done():
+            log.warning("second signal: cancelling the remaining jobs now")
+            manager.end_grace()
+            await draining
+        again.cancel()
         return 0
     finally:
         await server.stop(STOP_GRACE_SECONDS)

@@ -150,6 +150,20 @@ def test_sigterm_lets_jobs_finish_within_the_grace_period_cancels_the_rest_and_e
         assert "Traceback" not in log
 
 
+def test_a_second_sigterm_cancels_at_once_instead_of_waiting_out_the_grace_period(model_dir) -> None:
+    with ServerProcess(model_dir, "--device", "cpu", "--grace-seconds", "600") as server:
+        stream = StreamReader(stub_for(server).Stylize(stylize_request(LONG)))
+        stream.wait_for_iteration(1)
+        server.signal()
+        while "shutting down" not in server.log():
+            time.sleep(0.05)
+        server.signal()
+        assert server.wait(60) == 0  # far sooner than the 600 s grace period
+        stream.join(10)
+        assert stream.code == grpc.StatusCode.UNAVAILABLE
+        assert "second signal" in server.log()
+
+
 def test_sigint_on_an_idle_server_exits_0(model_dir) -> None:
     with ServerProcess(model_dir, "--device", "cpu") as server:
         server.signal(2)
