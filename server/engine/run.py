@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from stylize.server.engine.options import (
     downsampling,
     validate,
 )
-from stylize.server.engine.precision import network_autocast
+from stylize.server.engine.precision import network_autocast, network_dtype
 from stylize.server.engine.records import Cancelled, Losses, Progress, Result
 
 # Forward-only features of the configured layers for a [1, 3, H, W] RGB batch in [0, 1]
@@ -110,6 +111,15 @@ def _image_violations(content: Tensor, styles: Sequence[tuple[Tensor, float]]) -
     ]
 
 
+def _parameters_as(network: Extractor, dtype: torch.dtype) -> Extractor:
+    """A copy of the network whose parameters (not buffers: the input normalization stays
+    float32) are `dtype`."""
+    copy = deepcopy(network)
+    for parameter in copy.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return copy
+
+
 def _resize(image: Tensor, height: int, width: int) -> Tensor:
     """[N, C, H, W] -> [N, C, height, width], bicubic, antialiased when shrinking, clipped to [0, 1]."""
     if image.shape[-2:] == (height, width):
@@ -143,11 +153,17 @@ class _Job:
         self.content_layers, self.style_layers = active_layers(o)
         layers = set(self.content_layers) | set(self.style_layers)
         self.layers = tuple(name for name in VGG19_LAYERS if name in layers)
-        self.network = (
+        # Targets come from the float32 network; the loop's network holds its weights in the
+        # precision it computes in, so autocast does not re-cast 20M parameters every iteration
+        # (it caches casts only for parameters that require grad, and these do not).
+        self.target_network = (
             extractor.configured(layers=self.layers, pooling=o.pooling, padding=o.padding).to(device)
             if self.layers
             else None
         )
+        self.network = self.target_network
+        if self.network is not None and network_dtype(o.precision, device) != torch.float32:
+            self.network = _parameters_as(self.network, network_dtype(o.precision, device))
         self.autocast = lambda: network_autocast(o.precision, device)
         self.smallest = max((downsampling(name) for name in self.layers), default=1)
 
@@ -180,11 +196,8 @@ class _Job:
         missing = [name for name in self.layers if name not in found]
         if missing:
             with torch.no_grad():
-                found |= {
-                    name: f.float()
-                    for name, f in self.network(_network_input(batch)).items()
-                    if name in missing
-                }
+                features = self.target_network(_network_input(batch))
+                found |= {name: f.float() for name, f in features.items() if name in missing}
         return found
 
     def _style_input(self, style: Tensor, edge: int) -> Tensor:
