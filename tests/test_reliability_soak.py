@@ -30,8 +30,9 @@ WARM_UP_JOBS = 10
 SETTLE_SECONDS = 30
 # Bounds on the server's growth over the soak, measured first: over 300 jobs the RSS grew by 8 MiB and
 # the thread count by 1 and 2 in two runs (the asyncio default executor starts its threads lazily, up to
-# min(32, cores + 4)). The RSS bound leaves room for allocator noise; a leak of each job's request,
-# events or images (tens of kB at 32 px, more with previews) or of torch state per job would pass it.
+# min(32, cores + 4)). The RSS bound leaves room for allocator noise and catches a leak of about 300 kB or
+# more per job (64 MiB / 240 jobs: e.g. tensors, or a job's decoded images, kept per job); smaller
+# leaks need a longer soak than a test suite can afford.
 RSS_GROWTH_BOUND = 64 * 2**20
 THREAD_GROWTH_BOUND = 4
 
