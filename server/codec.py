@@ -19,6 +19,17 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 ENCODINGS = ("png", "jpeg", "webp")
 
 
+# PIL reports truncated or corrupt streams, in the header (at open) as well as in the pixel data (at load),
+# with whatever its parser hit: OSError ("image file is truncated", "could not create decoder object"),
+# SyntaxError (broken PNG chunks), ValueError ("Truncated IHDR chunk"), struct.error, EOFError, ... Every
+# exception while decoding untrusted bytes means "this image is unusable", never a server error.
+_CORRUPT = "could not be decoded (truncated or corrupt)"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:200] or type(error).__name__
+
+
 def _reject(field: str, description: str) -> OptionsError:
     return OptionsError([FieldViolation(field, description)])
 
@@ -39,6 +50,8 @@ def decode_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) ->
         raise _reject(field, f"has more than {max_pixels} pixels (a decompression bomb)") from None
     except UnidentifiedImageError:
         raise _reject(field, "is not a PNG, JPEG or WebP image") from None
+    except Exception as error:  # see _CORRUPT
+        raise _reject(field, f"{_CORRUPT}: {_one_line(error)}") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise _reject(field, f"has an empty size {width}x{height}")
@@ -49,10 +62,8 @@ def decode_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) ->
         # Upright now, so the size the schedule plans with is the size the engine sees. Colour modes and
         # alpha are left to the engine's pil_to_tensor (one policy for every caller).
         upright = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as error:
-        # PIL reports truncated or corrupt streams as OSError ("image file is truncated"), SyntaxError
-        # (broken PNG chunks) or ValueError.
-        raise _reject(field, f"could not be decoded (truncated or corrupt): {error}") from None
+    except Exception as error:  # see _CORRUPT
+        raise _reject(field, f"{_CORRUPT}: {_one_line(error)}") from None
     return upright
 
 

@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from stylize.v1 import stylize_pb2, stylize_pb2_grpc
 
 from .config import ServerConfig, parse_config
+from .errors import MalformedRequestInterceptor
 from .jobs import JobManager
 from .metrics import GrpcMetricsInterceptor, ServiceMetrics, new_registry, serve_metrics
 from .runtime import Runtime, StartupError
@@ -102,7 +103,11 @@ async def serve(config: ServerConfig) -> int:
     metrics.build_info.labels(version()).set(1)
     started = _Started()
     health_servicer = health.aio.HealthServicer()
-    server = grpc.aio.server(interceptors=[GrpcMetricsInterceptor(registry)], options=server_options(config))
+    # The metrics interceptor is outermost, so it also counts requests refused as malformed.
+    server = grpc.aio.server(
+        interceptors=[GrpcMetricsInterceptor(registry), MalformedRequestInterceptor()],
+        options=server_options(config),
+    )
     stylize_pb2_grpc.add_StyleTransferServicer_to_server(
         StyleTransferService(config, metrics, lambda: started.runtime, lambda: started.manager), server
     )

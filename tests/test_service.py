@@ -236,6 +236,21 @@ def test_bad_input_gets_invalid_argument_naming_the_field(stub, case: str, metho
     assert field in caught.value.details()
 
 
+@pytest.mark.parametrize("method", ["Stylize", "SubmitJob", "WatchJob", "CancelJob"])
+def test_bytes_that_are_not_the_request_message_get_invalid_argument(server, method: str) -> None:
+    corrupt = b"\x0a\xff\xff\xff\xff\x0f"  # field 1 with a length far beyond the message
+    path = f"/stylize.v1.StyleTransfer/{method}"
+    with grpc.insecure_channel(server.address) as channel:
+        if method in ("Stylize", "WatchJob"):
+            _, code = collect(channel.unary_stream(path)(corrupt, timeout=30))
+        else:
+            with pytest.raises(grpc.RpcError) as caught:
+                channel.unary_unary(path)(corrupt, timeout=30)
+            code = caught.value.code()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Traceback" not in server.log()
+
+
 def test_unknown_and_missing_job_ids(stub) -> None:
     for rpc in (
         lambda r: list(stub.WatchJob(pb.WatchJobRequest(job_id=r), timeout=10)),

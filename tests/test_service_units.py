@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from serverproc import png_bytes, stylize_request
 
 from stylize.server import convert, jobs
+from stylize.server.codec import decode_image
 from stylize.server.config import ENV_PREFIX, build_parser, parse_config
 from stylize.server.engine.imageio import tensor_to_pil
 from stylize.server.engine.options import DEFAULT_LIMITS, DEFAULTS, Optimizer, OptionsError, Pooling
@@ -307,3 +308,20 @@ def test_every_job_status_is_exported_from_zero() -> None:
     text = generate_latest(ServiceMetrics(new_registry()).registry).decode()
     for status in ("succeeded", "failed", "cancelled", "rejected"):
         assert f'stylize_jobs_total{{status="{status}"}} 0.0' in text
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xd8\xff\xda\x00\x03",
+        b"RIFF\0\0\0\0WEBPVP8 ",
+        b"\x89PNG\r\n\x1a\n\0\0\0\0IHDR",
+        png_bytes(7)[:20],
+    ],
+    ids=["jpeg-scan-without-header", "webp-empty-vp8", "png-empty-ihdr", "png-cut-in-ihdr"],
+)
+def test_images_that_break_pil_while_opening_name_the_field(data: bytes) -> None:
+    with pytest.raises(OptionsError) as caught:
+        decode_image(data, "styles[2].image", max_bytes=1 << 20, max_pixels=1 << 20)
+    [violation] = caught.value.violations
+    assert violation.field == "styles[2].image" and "could not be decoded" in violation.description
