@@ -200,12 +200,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _image_tensor(image: Image.Image) -> torch.Tensor:
-    # Contiguous: pil_to_tensor returns a permuted view, and torch's L-BFGS cannot flatten gradients of an
-    # image initialised from one.
-    return pil_to_tensor(image).contiguous()
-
-
 class OrtTargets:
     """A TargetFn backed by the ONNX Runtime session: forward-only features of the requested layers.
 
@@ -295,8 +289,8 @@ class Runtime:
     ) -> tuple[str, Iterator[Progress | Result]]:
         targets, backend = self._targets(request.options, worker)
         records = stylize(
-            _image_tensor(request.content),
-            [(_image_tensor(image), weight) for image, weight in request.styles],
+            pil_to_tensor(request.content),
+            [(pil_to_tensor(image), weight) for image, weight in request.styles],
             request.options,
             self._extractors[worker],
             device=self.devices[worker],

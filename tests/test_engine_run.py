@@ -16,6 +16,7 @@ from PIL import Image
 from stylize.export.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine import color
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
+from stylize.server.engine.optimizers import LBFGSStepper
 from stylize.server.engine.options import DEFAULTS, Limits, OptionsError, StyleOptions
 from stylize.server.engine.records import Cancelled, Progress, Result
 from stylize.server.engine.run import stylize
@@ -223,3 +224,17 @@ def test_image_conversion_round_trip_and_alpha_on_white() -> None:
     assert (pil_to_tensor(pil) - image).abs().max() <= 0.5 / 255 + 1e-6
     transparent = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     assert torch.equal(pil_to_tensor(transparent), torch.ones(3, 2, 2))
+
+
+def test_lbfgs_accepts_a_non_contiguous_content_image() -> None:
+    # pil_to_tensor returns a permuted (non-contiguous) view; torch's LBFGS flattens the
+    # gradient with view(-1), which fails unless the optimized image is contiguous.
+    content = torch.rand(32, 32, 3).permute(2, 0, 1)
+    assert not content.is_contiguous()
+    stepper = LBFGSStepper(content, history=5)
+
+    def closure() -> tuple[torch.Tensor]:
+        return ((stepper.image - 0.5).square().sum(),)
+
+    stepper.step(closure)
+    assert stepper.output().is_contiguous()

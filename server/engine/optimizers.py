@@ -44,7 +44,10 @@ class LBFGSStepper:
     classic neural-style setting); its history persists from one step() to the next."""
 
     def __init__(self, image: Tensor, *, history: int):
-        self.image = image.detach().clone().clamp(0, 1).requires_grad_(True)
+        # Contiguous whatever the caller passed: LBFGS flattens the gradient with view(-1).
+        self.image = (
+            image.detach().clone(memory_format=torch.contiguous_format).clamp(0, 1).requires_grad_(True)
+        )
         self._optimizer = torch.optim.LBFGS(
             [self.image],
             lr=1.0,
