@@ -1,4 +1,5 @@
-"""The model artifact: `vgg19.onnx` (graph and ALL weights) and `vgg19.json` (the manifest).
+"""The model artifact: `vgg19.onnx` (graph and ALL weights) and `vgg19.json` (the manifest), or
+`vgg16.onnx` and `vgg16.json` for VGG16; a model directory may hold both.
 
 Everything that runs the network reads it through `load_artifact`, which takes the
 weights back out of the ONNX file, so ONNX Runtime and the torch extractor built
@@ -33,17 +34,23 @@ from stylize.export.vgg import (
     Normalization,
     VGGFeatures,
     expected_shapes,
+    parse_arch,
     parse_choice,
     resolve_layers,
     validate_state_dict,
 )
-from stylize.server.engine.options import Padding, Pooling
+from stylize.server.engine.options import Backbone, Padding, Pooling
 
-ONNX_FILENAME = "vgg19.onnx"
-MANIFEST_FILENAME = "vgg19.json"
 MANIFEST_FORMAT = 1
-ARCH = "vgg19"
 INPUT_NAME = "image"
+
+
+def onnx_filename(arch: str) -> str:
+    return f"{arch}.onnx"
+
+
+def manifest_filename(arch: str) -> str:
+    return f"{arch}.json"
 
 
 class ArtifactError(ValueError):
@@ -52,9 +59,9 @@ class ArtifactError(ValueError):
 
 @dataclass(frozen=True)
 class Manifest:
-    """What `vgg19.json` records about the export, so nobody mistakes one artifact for another."""
+    """What `<arch>.json` records about the export, so nobody mistakes one artifact for another."""
 
-    arch: str
+    arch: str  # vgg19 | vgg16
     weights: str  # imagenet | caffe | file | random
     weights_source: str  # URL, file path, or "seed=N"
     weights_sha256: str | None  # of the file the weights came from; None for random weights
@@ -96,7 +103,8 @@ class Manifest:
         if manifest.format != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.format} is not the supported {MANIFEST_FORMAT}")
         try:
-            resolve_layers(manifest.layers)
+            parse_arch(manifest.arch)
+            resolve_layers(manifest.layers, manifest.arch)
             parse_choice(Pooling, manifest.pooling)
             parse_choice(Padding, manifest.padding)
         except ValueError as error:  # ModelError is one
@@ -151,24 +159,28 @@ class Artifact:
         """A torch extractor with the artifact's weights and normalization; defaults are the artifact's."""
         return VGGFeatures(
             self.manifest.layers if layers is None else layers,
+            arch=self.manifest.arch,
             pooling=self.manifest.pooling if pooling is None else pooling,
             padding=self.manifest.padding if padding is None else padding,
             normalization=self.manifest.normalization,
         ).load_weights(self.state_dict)
 
 
-def read_manifest(model_dir: Path) -> Manifest:
-    path = model_dir / MANIFEST_FILENAME
+def read_manifest(model_dir: Path, arch: str) -> Manifest:
+    path = model_dir / manifest_filename(arch)
     try:
-        return Manifest.from_json(path.read_text())
+        manifest = Manifest.from_json(path.read_text())
     except FileNotFoundError:
         raise ArtifactError(
-            f"{path} not found; create the artifact with stylize-export --out {model_dir}"
+            f"{path} not found; create the artifact with stylize-export --arch {arch} --out {model_dir}"
         ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ArtifactError(f"cannot read {path}: {error}") from None
     except ValueError as error:  # json.JSONDecodeError is one
         raise ArtifactError(f"{path} is not a valid manifest: {error}") from None
+    if manifest.arch != arch:
+        raise ArtifactError(f"{path} describes a {manifest.arch} model, not {arch}")
+    return manifest
 
 
 def read_onnx(path: Path) -> onnx.ModelProto:
@@ -183,16 +195,16 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     return model
 
 
-def state_dict_from_onnx(model: onnx.ModelProto, path: Path) -> dict[str, Tensor]:
-    """The VGG19 weights stored in an exported model, validated key by key and shape by shape."""
-    wanted = expected_shapes()
+def state_dict_from_onnx(model: onnx.ModelProto, path: Path, arch: str) -> dict[str, Tensor]:
+    """The VGG weights stored in an exported model, validated key by key and shape by shape."""
+    wanted = expected_shapes(arch)
     state = {
         t.name: torch.from_numpy(np.array(numpy_helper.to_array(t), dtype=np.float32))
         for t in weight_initializers(model)
         if t.name in wanted
     }
     try:
-        validate_state_dict(state)
+        validate_state_dict(state, arch)
     except ModelError as error:
         raise ArtifactError(f"{path}: {error}") from None
     return state
@@ -209,18 +221,41 @@ def _check_interface(model: onnx.ModelProto, manifest: Manifest, path: Path) -> 
         )
 
 
-def load_artifact(model_dir: str | Path) -> Artifact:
-    """Read and cross-check the manifest and the .onnx of a model directory."""
+def arches_in(model_dir: str | Path) -> list[Backbone]:
+    """The archs whose manifest a model directory holds, VGG19 first."""
+    return [arch for arch in Backbone if (Path(model_dir) / manifest_filename(arch)).is_file()]
+
+
+def load_artifact(model_dir: str | Path, arch: str | None = None) -> Artifact:
+    """Read and cross-check the manifest and the .onnx of one arch in a model directory; `arch` None
+    means the one the directory holds (VGG19 when it holds both)."""
     model_dir = Path(model_dir)
-    manifest = read_manifest(model_dir)
-    onnx_path = model_dir / ONNX_FILENAME
+    if arch is None:
+        found = arches_in(model_dir)
+        if not found:
+            names = " or ".join(manifest_filename(a) for a in Backbone)
+            raise ArtifactError(
+                f"{model_dir} holds no model ({names} not found); create the artifact with "
+                f"stylize-export --out {model_dir}"
+            )
+        arch = found[0]
+    manifest = read_manifest(model_dir, arch)
+    onnx_path = model_dir / onnx_filename(arch)
     model = read_onnx(onnx_path)
     _check_interface(model, manifest, onnx_path)
-    state = state_dict_from_onnx(model, onnx_path)
+    state = state_dict_from_onnx(model, onnx_path, arch)
     digest = state_dict_digest(state)
     if digest != manifest.state_dict_sha256:
         raise ArtifactError(
-            f"{onnx_path} weights digest {digest[:16]}... disagrees with {MANIFEST_FILENAME}'s "
+            f"{onnx_path} weights digest {digest[:16]}... disagrees with {manifest_filename(arch)}'s "
             f"state_dict_sha256 {manifest.state_dict_sha256[:16]}...; the files are not from one export"
         )
     return Artifact(manifest, onnx_path, state)
+
+
+def load_artifacts(model_dir: str | Path) -> dict[Backbone, Artifact]:
+    """Every artifact in a model directory, by arch (at least one, else ArtifactError)."""
+    found = arches_in(model_dir)
+    if not found:
+        load_artifact(model_dir)  # raises, naming the files it looked for
+    return {arch: load_artifact(model_dir, arch) for arch in found}

@@ -1,12 +1,13 @@
-"""`stylize-export`: build the VGG19 artifact, then prove it before putting it in place.
+"""`stylize-export`: build the VGG19 (or `--arch vgg16`) artifact, then prove it before putting it in place.
 
-`stylize-export --check DIR` runs the same checks on an existing artifact.
+`stylize-export --check DIR` runs the same checks on the existing artifacts of a model directory (a
+directory may hold a VGG19 and a VGG16 artifact side by side; the server then serves both).
 
 The files are written to a staging directory inside --out and read back through
 `load_artifact`, the same reader the server uses; the torch extractor rebuilt from the
 .onnx initializers must reproduce the exported module exactly, and ONNX Runtime (CPU)
 must match torch on two image sizes within the tolerance. Only then do the files replace
---out/vgg19.onnx and --out/vgg19.json, so a failed export never leaves a half artifact.
+--out/<arch>.onnx and --out/<arch>.json, so a failed export never leaves a half artifact.
 
 Exit codes: 0 done; 1 the export or its verification failed; 2 bad input (arguments,
 weights, output directory). Errors are one line on stderr.
@@ -30,18 +31,19 @@ import onnxruntime as ort
 import torch
 
 from stylize.export.artifact import (
-    MANIFEST_FILENAME,
-    ONNX_FILENAME,
     Artifact,
     ArtifactError,
     Manifest,
     load_artifact,
+    load_artifacts,
+    manifest_filename,
+    onnx_filename,
 )
 from stylize.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportError, export_artifact
 from stylize.export.parity import DEFAULT_TOLERANCE, ParityRow, compare, format_table, worst
 from stylize.export.vgg import NORMALIZATIONS, ModelError, VGGFeatures, resolve_layers
 from stylize.export.weights import WeightsError, one_line, resolve_weights
-from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, Padding, Pooling
+from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, Backbone, Padding, Pooling
 
 PROG = "stylize-export"
 # (height, width) of the verification probes: a square and an odd landscape size whose sides
@@ -65,28 +67,35 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
-        prog=PROG, description="Export VGG19 features to vgg19.onnx + vgg19.json and verify them."
+        prog=PROG, description="Export VGG features to <arch>.onnx + <arch>.json and verify them."
+    )
+    parser.add_argument(
+        "--arch",
+        choices=[arch.value for arch in Backbone],
+        default=Backbone.VGG19.value,
+        help="the network (default %(default)s); the files are named after it",
     )
     parser.add_argument(
         "--weights",
         metavar="{imagenet,caffe,random,auto,PATH}",
-        help="imagenet: torchvision's (downloaded to the torch hub cache); caffe: neural-style's converted "
-        "Caffe VGG19; random: seeded, for tests; auto: imagenet, else random with a warning; PATH: a .pth "
-        "state dict with torchvision's features.N.* keys",
+        help="imagenet: torchvision's (downloaded to the torch hub cache); caffe: the converted Caffe VGG "
+        "neural-style uses; random: seeded, for tests; auto: imagenet, else random with a warning; PATH: a "
+        ".pth state dict with torchvision's features.N.* keys",
     )
     parser.add_argument("--out", type=Path, help="model directory to write")
     parser.add_argument(
         "--check",
         type=Path,
         metavar="DIR",
-        help="instead of exporting, verify the artifact in DIR (load it, ONNX Runtime vs torch)",
+        help="instead of exporting, verify the artifacts in DIR (load them, ONNX Runtime vs torch)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
     parser.add_argument(
         "--layers",
         nargs="+",
         default=list(DEFAULT_EXPORT_LAYERS),
-        help="tapped layers, space or comma separated (default: %(default)s)",
+        help="tapped layers (Keras aliases such as block4_conv2 too), space or comma separated "
+        "(default: %(default)s)",
     )
     parser.add_argument("--pooling", choices=[p.value for p in Pooling], default=Pooling.MAX.value)
     parser.add_argument("--padding", choices=[p.value for p in Padding], default=Padding.ZEROS.value)
@@ -152,11 +161,15 @@ def onnx_runtime_parity(artifact: Artifact, exported: VGGFeatures) -> list[tuple
 
 def build(args: argparse.Namespace, staging: Path) -> tuple[Artifact, VGGFeatures]:
     try:
-        layers = resolve_layers(args.layers)
+        layers = resolve_layers(args.layers, args.arch)
         normalization = NORMALIZATIONS[args.normalization] if args.normalization else None
-        weights = resolve_weights(args.weights, seed=args.seed, normalization=normalization)
+        weights = resolve_weights(args.weights, arch=args.arch, seed=args.seed, normalization=normalization)
         extractor = VGGFeatures(
-            layers, pooling=args.pooling, padding=args.padding, normalization=weights.normalization
+            layers,
+            arch=args.arch,
+            pooling=args.pooling,
+            padding=args.padding,
+            normalization=weights.normalization,
         ).load_weights(weights.state_dict)
     except (ModelError, WeightsError) as error:
         raise UsageError(str(error)) from None
@@ -167,7 +180,7 @@ def build(args: argparse.Namespace, staging: Path) -> tuple[Artifact, VGGFeature
     except Exception as error:  # the exporter's own failures: report them in one line, exit 1
         raise VerificationError(f"ONNX export failed: {type(error).__name__}: {one_line(error)}") from None
     try:
-        return load_artifact(staging), extractor
+        return load_artifact(staging, args.arch), extractor
     except ArtifactError as error:
         raise VerificationError(f"the exported artifact does not load back: {error}") from None
 
@@ -201,7 +214,8 @@ def verify_parity(artifact: Artifact, reference: VGGFeatures, tolerance: float) 
 
 def describe(manifest: Manifest) -> str:
     return (
-        f"weights {manifest.weights} ({manifest.weights_source}), layers {' '.join(manifest.layers)}, "
+        f"{manifest.arch}, weights {manifest.weights} ({manifest.weights_source}), "
+        f"layers {' '.join(manifest.layers)}, "
         f"pooling {manifest.pooling}, opset {manifest.opset}"
     )
 
@@ -209,17 +223,18 @@ def describe(manifest: Manifest) -> str:
 def export(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     make_out_dir(args.out)
-    staging = Path(tempfile.mkdtemp(prefix=".vgg19-export-", dir=args.out))
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.arch}-export-", dir=args.out))
+    files = (onnx_filename(args.arch), manifest_filename(args.arch))
     try:
         artifact, extractor = build(args, staging)
         check_round_trip(artifact, extractor)
         error = verify_parity(artifact, extractor, args.tolerance)
-        for name in (ONNX_FILENAME, MANIFEST_FILENAME):
+        for name in files:
             os.replace(staging / name, args.out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(
-        f"wrote {args.out / ONNX_FILENAME} and {args.out / MANIFEST_FILENAME}: "
+        f"wrote {args.out / files[0]} and {args.out / files[1]}: "
         f"{describe(artifact.manifest)}; max relative error {error:.2e}; "
         f"{time.perf_counter() - started:.1f} s"
     )
@@ -227,11 +242,12 @@ def export(args: argparse.Namespace) -> None:
 
 def check(args: argparse.Namespace) -> None:
     try:
-        artifact = load_artifact(args.check)
+        artifacts = load_artifacts(args.check)
     except ArtifactError as error:
         raise UsageError(str(error)) from None
-    error = verify_parity(artifact, artifact.build_extractor(), args.tolerance)
-    print(f"{args.check}: {describe(artifact.manifest)}; max relative error {error:.2e}")
+    for artifact in artifacts.values():
+        error = verify_parity(artifact, artifact.build_extractor(), args.tolerance)
+        print(f"{args.check}: {describe(artifact.manifest)}; max relative error {error:.2e}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Uses torch's dynamo exporter (torch.export + onnxscript): it gives a clean graph of
 Conv/Relu/MaxPool with named dynamic dims. Its optimizer merges identical initializers
 (all-zero biases of random weights become one tensor, or vanish from Conv entirely), so
-the exported graph is canonicalized afterwards: the k-th Conv node is VGG19's k-th conv,
+the exported graph is canonicalized afterwards: the k-th Conv node is the network's k-th conv,
 its inputs are renamed `features.N.weight` / `features.N.bias` and set from the module's
 own fp32 tensors, after checking the exporter's weight equals them bit for bit.
 """
@@ -21,11 +21,10 @@ import torch
 from onnx import helper, numpy_helper
 
 from stylize.export.artifact import (
-    ARCH,
     INPUT_NAME,
-    MANIFEST_FILENAME,
-    ONNX_FILENAME,
     Manifest,
+    manifest_filename,
+    onnx_filename,
     state_dict_digest,
 )
 from stylize.export.vgg import CONV_SHAPES, VGGFeatures
@@ -33,7 +32,7 @@ from stylize.export.weights import ResolvedWeights
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
-UNTAPPED_WEIGHTS_GRAPH = "vgg19_untapped_weights"
+UNTAPPED_WEIGHTS_GRAPH = "vgg_untapped_weights"
 
 
 class ExportError(RuntimeError):
@@ -83,9 +82,11 @@ def canonicalize_weights(model: onnx.ModelProto, extractor: VGGFeatures) -> None
     graph = model.graph
     exported = {t.name: t for t in graph.initializer}
     convs = [node for node in graph.node if node.op_type == "Conv"]
-    conv_indices = sorted(CONV_SHAPES)
+    conv_indices = sorted(CONV_SHAPES[extractor.arch])
     if len(convs) > len(conv_indices):
-        raise ExportError(f"exported graph has {len(convs)} Conv nodes, VGG19 has {len(conv_indices)}")
+        raise ExportError(
+            f"exported graph has {len(convs)} Conv nodes, {extractor.arch} has {len(conv_indices)}"
+        )
     used: list[str] = []
     for node, index in zip(convs, conv_indices, strict=False):
         weight, bias = f"features.{index}.weight", f"features.{index}.bias"
@@ -114,15 +115,15 @@ def canonicalize_weights(model: onnx.ModelProto, extractor: VGGFeatures) -> None
 def export_artifact(
     extractor: VGGFeatures, weights: ResolvedWeights, out_dir: Path, *, opset: int = DEFAULT_OPSET
 ) -> Manifest:
-    """Write `vgg19.onnx` and `vgg19.json` for `extractor` (already loaded with `weights`) into out_dir."""
+    """Write `<arch>.onnx` and `<arch>.json` for `extractor` (already loaded with `weights`) into out_dir."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is below the supported minimum {MIN_OPSET}")
     model = trace_to_onnx(extractor, opset)
     canonicalize_weights(model, extractor)
     onnx.checker.check_model(model)
-    onnx.save(model, str(out_dir / ONNX_FILENAME))
+    onnx.save(model, str(out_dir / onnx_filename(extractor.arch)))
     manifest = Manifest(
-        arch=ARCH,
+        arch=extractor.arch.value,
         weights=weights.kind.value,
         weights_source=weights.source,
         weights_sha256=weights.sha256,
@@ -138,5 +139,5 @@ def export_artifact(
         input_name=INPUT_NAME,
         output_names=tuple(o.name for o in model.graph.output),
     )
-    (out_dir / MANIFEST_FILENAME).write_text(manifest.to_json())
+    (out_dir / manifest_filename(extractor.arch)).write_text(manifest.to_json())
     return manifest

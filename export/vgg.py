@@ -1,8 +1,8 @@
-"""VGG19's convolutional part in plain torch, tapping named layers.
+"""VGG19's (or VGG16's) convolutional part in plain torch, tapping named layers.
 
 The parameters live in `self.features`, an `nn.Sequential` laid out exactly like
-torchvision's `vgg19().features` (convs at the indices torchvision uses, ReLU and
-pooling modules in between), so the state-dict keys are torchvision's
+torchvision's `vgg19().features` / `vgg16().features` (convs at the indices torchvision
+uses, ReLU and pooling modules in between), so the state-dict keys are torchvision's
 `features.N.weight` / `features.N.bias` and its checkpoints load unchanged.
 
 The module computes the network functionally from those parameters instead of
@@ -22,12 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, VGG19_LAYERS, Padding, Pooling
+from stylize.server.engine.options import (
+    DEFAULT_EXPORT_LAYERS,
+    LAYERS,
+    Backbone,
+    Padding,
+    Pooling,
+    canonical_layer,
+    layer_names,
+)
 
-# Output channels of each conv, "M" for a 2x2 pooling: torchvision's configuration "E" (VGG19).
-VGG19_CONFIG: tuple[int | str, ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
-)  # fmt: skip
+# Output channels of each conv, "M" for a 2x2 pooling: torchvision's configurations "E" (VGG19)
+# and "D" (VGG16).
+CONFIGS: dict[Backbone, tuple[int | str, ...]] = {
+    Backbone.VGG19: (
+        64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M",
+    ),
+    Backbone.VGG16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+}  # fmt: skip
 
 # Average pooling of post-ReLU maps roughly halves their magnitude compared with max
 # pooling; scaling by 2 keeps deeper activations (and so the loss weights tuned for max
@@ -63,11 +75,18 @@ CAFFE_NORMALIZATION = Normalization(
 NORMALIZATIONS: dict[str, Normalization] = {n.name: n for n in (IMAGENET_NORMALIZATION, CAFFE_NORMALIZATION)}
 
 
-def _conv_shapes() -> dict[int, tuple[int, int]]:
-    """Index in `features` -> (in_channels, out_channels) for each conv, derived from VGG19_CONFIG."""
+def parse_arch(arch: str) -> Backbone:
+    try:
+        return Backbone(arch)
+    except ValueError:
+        raise ModelError(f"unknown arch {arch!r}; valid: {' '.join(Backbone)}") from None
+
+
+def _conv_shapes(arch: Backbone) -> dict[int, tuple[int, int]]:
+    """Index in `features` -> (in_channels, out_channels) for each conv, derived from CONFIGS."""
     shapes: dict[int, tuple[int, int]] = {}
     index, channels = 0, 3
-    for item in VGG19_CONFIG:
+    for item in CONFIGS[arch]:
         if item == "M":
             index += 1
         else:
@@ -77,29 +96,32 @@ def _conv_shapes() -> dict[int, tuple[int, int]]:
     return shapes
 
 
-CONV_SHAPES = _conv_shapes()
-# Every tappable layer name -> its index in `features`; VGG19_LAYERS lists them in network order.
-LAYER_INDEX: dict[str, int] = {name: i for i, name in enumerate(VGG19_LAYERS)}
-assert len(VGG19_LAYERS) == max(CONV_SHAPES) + 3, "VGG19_LAYERS disagrees with VGG19_CONFIG"
+CONV_SHAPES: dict[Backbone, dict[int, tuple[int, int]]] = {arch: _conv_shapes(arch) for arch in Backbone}
+# Every tappable layer name -> its index in `features`; LAYERS lists them in network order.
+LAYER_INDEX: dict[Backbone, dict[str, int]] = {
+    arch: {name: i for i, name in enumerate(LAYERS[arch])} for arch in Backbone
+}
+for _arch in Backbone:
+    assert len(LAYERS[_arch]) == max(CONV_SHAPES[_arch]) + 3, f"LAYERS disagrees with CONFIGS for {_arch}"
 
 
-def expected_shapes() -> dict[str, tuple[int, ...]]:
+def expected_shapes(arch: str = Backbone.VGG19) -> dict[str, tuple[int, ...]]:
     """The state dict's keys and shapes, in torchvision's order."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for index, (cin, cout) in CONV_SHAPES.items():
+    for index, (cin, cout) in CONV_SHAPES[parse_arch(arch)].items():
         shapes[f"features.{index}.weight"] = (cout, cin, 3, 3)
         shapes[f"features.{index}.bias"] = (cout,)
     return shapes
 
 
-def random_state_dict(seed: int = 0) -> dict[str, Tensor]:
-    """Seeded He-initialized weights (zero biases): activations keep their scale through all 16 convs.
+def random_state_dict(seed: int = 0, arch: str = Backbone.VGG19) -> dict[str, Tensor]:
+    """Seeded He-initialized weights (zero biases): activations keep their scale through all the convs.
 
     For tests and machines without the pretrained weights; the same seed gives the same tensors.
     """
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, Tensor] = {}
-    for key, shape in expected_shapes().items():
+    for key, shape in expected_shapes(arch).items():
         if key.endswith(".weight"):
             fan_in = shape[1] * shape[2] * shape[3]
             state[key] = torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)
@@ -108,12 +130,12 @@ def random_state_dict(seed: int = 0) -> dict[str, Tensor]:
     return state
 
 
-def validate_state_dict(state_dict: Mapping[str, Tensor]) -> None:
+def validate_state_dict(state_dict: Mapping[str, Tensor], arch: str = Backbone.VGG19) -> None:
     """Raise ModelError naming the first missing, unexpected or misshapen key."""
-    expected = expected_shapes()
+    expected = expected_shapes(arch)
     missing = [k for k in expected if k not in state_dict]
     if missing:
-        raise ModelError(f"weights lack {len(missing)} VGG19 key(s), first {missing[0]!r}")
+        raise ModelError(f"weights lack {len(missing)} {arch.upper()} key(s), first {missing[0]!r}")
     unexpected = [k for k in state_dict if k not in expected]
     if unexpected:
         raise ModelError(f"weights have {len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
@@ -127,15 +149,17 @@ def validate_state_dict(state_dict: Mapping[str, Tensor]) -> None:
             raise ModelError(f"weights key {key!r} has dtype {value.dtype}, expected a floating type")
 
 
-def resolve_layers(layers: Iterable[str]) -> tuple[str, ...]:
-    """Validate layer names, drop repeats (first occurrence wins), keep the caller's order."""
-    resolved = tuple(dict.fromkeys(layers))
-    if not resolved:
-        raise ModelError("no layers to tap; choose from " + " ".join(VGG19_LAYERS))
-    unknown = [name for name in resolved if name not in LAYER_INDEX]
+def resolve_layers(layers: Iterable[str], arch: str = Backbone.VGG19) -> tuple[str, ...]:
+    """Validate layer names (Keras aliases become our names), drop repeats (first occurrence wins),
+    keep the caller's order."""
+    arch = parse_arch(arch)
+    names = list(layers)
+    if not names:
+        raise ModelError(f"no layers to tap; choose from {' '.join(LAYERS[arch])}")
+    unknown = [name for name in names if canonical_layer(name, arch) is None]
     if unknown:
-        raise ModelError(f"unknown layer(s) {' '.join(unknown)}; valid: {' '.join(VGG19_LAYERS)}")
-    return resolved
+        raise ModelError(f"unknown layer(s) {' '.join(unknown)} for {arch}; valid: {layer_names(arch)}")
+    return tuple(dict.fromkeys(canonical_layer(name, arch) for name in names))
 
 
 def parse_choice(kind: type[Pooling] | type[Padding], value: str) -> Pooling | Padding:
@@ -146,10 +170,10 @@ def parse_choice(kind: type[Pooling] | type[Padding], value: str) -> Pooling | P
         raise ModelError(f"unknown {kind.__name__.lower()} {value!r}; valid: {valid}") from None
 
 
-def _build_features() -> nn.Sequential:
+def _build_features(arch: Backbone) -> nn.Sequential:
     modules: list[nn.Module] = []
     channels = 3
-    for item in VGG19_CONFIG:
+    for item in CONFIGS[arch]:
         if item == "M":
             modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
@@ -159,7 +183,7 @@ def _build_features() -> nn.Sequential:
 
 
 class VGGFeatures(nn.Module):
-    """VGG19 conv part returning `{layer: activation}` for the tapped layers.
+    """VGG19 (or VGG16: `arch`) conv part returning `{layer: activation}` for the tapped layers.
 
     Input: RGB in [0, 1], N x 3 x H x W; normalization happens inside. Only the
     layers up to the deepest tap are computed. The parameters are frozen
@@ -170,23 +194,26 @@ class VGGFeatures(nn.Module):
         self,
         layers: Iterable[str] = DEFAULT_EXPORT_LAYERS,
         *,
+        arch: str = Backbone.VGG19,
         pooling: str = Pooling.MAX,
         padding: str = Padding.ZEROS,
         normalization: Normalization = IMAGENET_NORMALIZATION,
     ):
         super().__init__()
-        self.features = _build_features()
+        self.arch = parse_arch(arch)
+        self.features = _build_features(self.arch)
         self.features.requires_grad_(False)
         self._configure(layers, pooling, padding, normalization)
 
     def _configure(
         self, layers: Iterable[str], pooling: str, padding: str, normalization: Normalization
     ) -> None:
-        self.layers = resolve_layers(layers)
+        self.layers = resolve_layers(layers, self.arch)
         self.pooling = parse_choice(Pooling, pooling)
         self.padding = parse_choice(Padding, padding)
         self.normalization = normalization
-        self._depth = max(LAYER_INDEX[name] for name in self.layers) + 1
+        self._index = LAYER_INDEX[self.arch]
+        self._depth = max(self._index[name] for name in self.layers) + 1
         # Not persistent: the state dict stays exactly torchvision's keys.
         self.register_buffer("mean", torch.tensor(normalization.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(normalization.std).view(1, 3, 1, 1), persistent=False)
@@ -197,6 +224,7 @@ class VGGFeatures(nn.Module):
         """Another view of the SAME parameters (no copy) with other taps, pooling or padding."""
         view = VGGFeatures.__new__(VGGFeatures)
         nn.Module.__init__(view)
+        view.arch = self.arch
         view.features = self.features
         view._configure(
             self.layers if layers is None else layers,
@@ -209,12 +237,12 @@ class VGGFeatures(nn.Module):
     @property
     def min_side(self) -> int:
         """The smallest height and width the taps accept: each 2x2 pooling on the way halves the map."""
-        pools = sum(1 for name in VGG19_LAYERS[: self._depth] if name.startswith("pool"))
+        pools = sum(1 for name in LAYERS[self.arch][: self._depth] if name.startswith("pool"))
         return 2**pools
 
     def load_weights(self, state_dict: Mapping[str, Tensor]) -> VGGFeatures:
         """Load torchvision-layout weights after checking every key and shape; returns self."""
-        validate_state_dict(state_dict)
+        validate_state_dict(state_dict, self.arch)
         self.load_state_dict(dict(state_dict), strict=True)
         return self
 
@@ -224,7 +252,7 @@ class VGGFeatures(nn.Module):
         return (image * self.normalization.scale - self.mean) / self.std
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
-        taps = {LAYER_INDEX[name]: name for name in self.layers}
+        taps = {self._index[name]: name for name in self.layers}
         outputs: dict[str, Tensor] = {}
         x = self.normalize(image)
         for index in range(self._depth):

@@ -1,4 +1,4 @@
-"""Where the VGG19 weights come from: `--weights imagenet | caffe | random | auto | PATH`.
+"""Where the VGG weights come from: `--weights imagenet | caffe | random | auto | PATH`, per `--arch`.
 
 Downloads go through torch.hub into its cache (`$TORCH_HOME/hub/checkpoints`), with
 the sha256 prefix in the file name checked on download, and checked again here for a
@@ -31,8 +31,9 @@ from stylize.export.vgg import (
     random_state_dict,
     validate_state_dict,
 )
+from stylize.server.engine.options import Backbone
 
-# The classifier head of a full VGG19 checkpoint; style transfer needs only `features.*`.
+# The classifier head of a full VGG checkpoint; style transfer needs only `features.*`.
 CLASSIFIER_PREFIX = "classifier."
 # A dead network must fail the export, not hang it: applies to each socket operation.
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -70,17 +71,35 @@ class RemoteWeights:
         return match.group(1)
 
 
-REMOTE_WEIGHTS: dict[str, RemoteWeights] = {
-    # torchvision's VGG19 (ImageNet, RGB mean/std normalization).
-    "imagenet": RemoteWeights(
-        WeightsKind.IMAGENET, "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth", IMAGENET_NORMALIZATION
-    ),
-    # The original Caffe VGG19 converted to torchvision's layout, as neural-style-pt downloads it.
-    "caffe": RemoteWeights(
-        WeightsKind.CAFFE,
-        "https://web.eecs.umich.edu/~justincj/models/vgg19-d01eb7cb.pth",
-        CAFFE_NORMALIZATION,
-    ),
+REMOTE_WEIGHTS: dict[Backbone, dict[str, RemoteWeights]] = {
+    Backbone.VGG19: {
+        # torchvision's VGG19 (ImageNet, RGB mean/std normalization).
+        "imagenet": RemoteWeights(
+            WeightsKind.IMAGENET,
+            "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
+            IMAGENET_NORMALIZATION,
+        ),
+        # The original Caffe VGG19 converted to torchvision's layout, as neural-style-pt downloads it.
+        "caffe": RemoteWeights(
+            WeightsKind.CAFFE,
+            "https://web.eecs.umich.edu/~justincj/models/vgg19-d01eb7cb.pth",
+            CAFFE_NORMALIZATION,
+        ),
+    },
+    Backbone.VGG16: {
+        # torchvision's VGG16.
+        "imagenet": RemoteWeights(
+            WeightsKind.IMAGENET,
+            "https://download.pytorch.org/models/vgg16-397923af.pth",
+            IMAGENET_NORMALIZATION,
+        ),
+        # The Caffe VGG16 in torchvision's layout (jcjohnson/pytorch-vgg; fast-neural-style's network).
+        "caffe": RemoteWeights(
+            WeightsKind.CAFFE,
+            "https://web.eecs.umich.edu/~justincj/models/vgg16-00b39a1b.pth",
+            CAFFE_NORMALIZATION,
+        ),
+    },
 }
 
 
@@ -107,23 +126,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def features_state_dict(loaded: object, origin: str) -> dict[str, Tensor]:
+def features_state_dict(loaded: object, origin: str, arch: str) -> dict[str, Tensor]:
     """The `features.*` tensors of a loaded checkpoint as fp32, or WeightsError naming `origin`."""
     if not isinstance(loaded, Mapping):
         raise WeightsError(f"{origin} holds a {type(loaded).__name__}, not a state dict")
     state = {k: v for k, v in loaded.items() if not str(k).startswith(CLASSIFIER_PREFIX)}
     try:
-        validate_state_dict(state)
+        validate_state_dict(state, arch)
     except ModelError as error:
         raise WeightsError(f"{origin}: {error}") from None
     return {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
 
 
-def random_weights(seed: int, normalization: Normalization = IMAGENET_NORMALIZATION) -> ResolvedWeights:
-    return ResolvedWeights(WeightsKind.RANDOM, f"seed={seed}", None, normalization, random_state_dict(seed))
+def random_weights(
+    seed: int, normalization: Normalization = IMAGENET_NORMALIZATION, arch: str = Backbone.VGG19
+) -> ResolvedWeights:
+    state = random_state_dict(seed, arch)
+    return ResolvedWeights(WeightsKind.RANDOM, f"seed={seed}", None, normalization, state)
 
 
-def load_file(path: Path, normalization: Normalization = IMAGENET_NORMALIZATION) -> ResolvedWeights:
+def load_file(
+    path: Path, normalization: Normalization = IMAGENET_NORMALIZATION, arch: str = Backbone.VGG19
+) -> ResolvedWeights:
     if not path.is_file():
         raise WeightsError(f"weights file {str(path)!r} not found; {CHOICES}")
     try:
@@ -131,7 +155,7 @@ def load_file(path: Path, normalization: Normalization = IMAGENET_NORMALIZATION)
     except Exception as error:  # torch.load fails in many ways on a bad file; all mean "unreadable"
         reason = f"{type(error).__name__}: {one_line(error)}"
         raise WeightsError(f"cannot read weights file {path} as a torch state dict ({reason})") from None
-    state = features_state_dict(loaded, f"weights file {path}")
+    state = features_state_dict(loaded, f"weights file {path}", arch)
     return ResolvedWeights(WeightsKind.FILE, str(path.resolve()), file_sha256(path), normalization, state)
 
 
@@ -145,7 +169,7 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def fetch(remote: RemoteWeights) -> ResolvedWeights:
+def fetch(remote: RemoteWeights, arch: str = Backbone.VGG19) -> ResolvedWeights:
     """The published checkpoint from the torch.hub cache, downloading it there first if needed."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / remote.filename
     if cached.is_file() and not file_sha256(cached).startswith(remote.hash_prefix):
@@ -170,15 +194,15 @@ def fetch(remote: RemoteWeights) -> ResolvedWeights:
         if "invalid hash value" in str(error):
             raise WeightsError(f"{remote.url} failed its sha256 check: {one_line(error)}") from None
         raise WeightsError(f"cannot read {cached}: {one_line(error)}; delete it and retry") from None
-    state = features_state_dict(loaded, str(cached))
+    state = features_state_dict(loaded, str(cached), arch)
     return ResolvedWeights(remote.kind, remote.url, file_sha256(cached), remote.normalization, state)
 
 
-def warn_random_fallback(reason: str, seed: int, stream: TextIO) -> None:
+def warn_random_fallback(reason: str, seed: int, arch: str, stream: TextIO) -> None:
     bar = "!" * 78
     print(
         f"{bar}\n"
-        f"WARNING: --weights auto could not get the ImageNet VGG19 weights:\n  {reason}\n"
+        f"WARNING: --weights auto could not get the ImageNet {arch.upper()} weights:\n  {reason}\n"
         f"WARNING: exporting RANDOM weights (seed {seed}). Style transfer with them produces noise,\n"
         f"not art. The manifest, GetServerInfo and metrics will all say weights=random.\n"
         f"{bar}",
@@ -187,20 +211,27 @@ def warn_random_fallback(reason: str, seed: int, stream: TextIO) -> None:
 
 
 def resolve_weights(
-    spec: str, *, seed: int = 0, normalization: Normalization | None = None, warn: TextIO = sys.stderr
+    spec: str,
+    *,
+    arch: str = Backbone.VGG19,
+    seed: int = 0,
+    normalization: Normalization | None = None,
+    warn: TextIO = sys.stderr,
 ) -> ResolvedWeights:
-    """Resolve a `--weights` value. `normalization` overrides the default for a PATH or random weights."""
-    if spec in REMOTE_WEIGHTS:
-        remote = REMOTE_WEIGHTS[spec]
+    """Resolve a `--weights` value for `arch`. `normalization` overrides the default for a PATH or random
+    weights."""
+    published = REMOTE_WEIGHTS[Backbone(arch)]
+    if spec in published:
+        remote = published[spec]
         if normalization is not None and normalization != remote.normalization:
             raise WeightsError(f"--weights {spec} needs normalization {remote.normalization.name}")
-        return fetch(remote)
+        return fetch(remote, arch)
     if spec == "auto":
         try:
-            return fetch(REMOTE_WEIGHTS["imagenet"])
+            return fetch(published["imagenet"], arch)
         except WeightsError as error:
-            warn_random_fallback(str(error), seed, warn)
-            return random_weights(seed, normalization or IMAGENET_NORMALIZATION)
+            warn_random_fallback(str(error), seed, arch, warn)
+            return random_weights(seed, normalization or IMAGENET_NORMALIZATION, arch)
     if spec == WeightsKind.RANDOM:
-        return random_weights(seed, normalization or IMAGENET_NORMALIZATION)
-    return load_file(Path(spec), normalization or IMAGENET_NORMALIZATION)
+        return random_weights(seed, normalization or IMAGENET_NORMALIZATION, arch)
+    return load_file(Path(spec), normalization or IMAGENET_NORMALIZATION, arch)

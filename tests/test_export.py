@@ -15,17 +15,21 @@ import pytest
 import torch
 
 from stylize.export.artifact import (
-    MANIFEST_FILENAME,
-    ONNX_FILENAME,
     ArtifactError,
     load_artifact,
+    load_artifacts,
+    manifest_filename,
+    onnx_filename,
     state_dict_digest,
 )
 from stylize.export.onnx_export import export_artifact
 from stylize.export.parity import compare
 from stylize.export.vgg import CAFFE_NORMALIZATION, VGGFeatures, expected_shapes, random_state_dict
 from stylize.export.weights import random_weights
-from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS
+from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, LAYERS, Backbone
+
+# The file-handling tests below (corrupt files, bad manifests) use the VGG19 artifact's names.
+ONNX_FILENAME, MANIFEST_FILENAME = onnx_filename("vgg19"), manifest_filename("vgg19")
 
 EXPORT_SCRIPT = Path(sys.executable).with_name("stylize-export")
 TOLERANCE = 1e-4
@@ -57,34 +61,54 @@ def image(height: int, width: int, batch: int = 1, seed: int = 0) -> torch.Tenso
     return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory) -> tuple[Path, CliRun]:
-    """One real `stylize-export --weights random` run shared by the tests that only read its result."""
-    out = tmp_path_factory.mktemp("export") / "model"
-    run = run_cli("--weights", "random", "--out", str(out))
-    assert run.returncode == 0, run.stderr
-    return out, run
+_EXPORTS: dict[str, tuple[Path, CliRun]] = {}
+
+
+def export_once(arch: str, tmp_path_factory) -> tuple[Path, CliRun]:
+    """One real `stylize-export --arch ARCH --weights random` run per session, shared by the tests that
+    only read its result."""
+    if arch not in _EXPORTS:
+        out = tmp_path_factory.mktemp(f"export-{arch}") / "model"
+        run = run_cli("--arch", arch, "--weights", "random", "--out", str(out))
+        assert run.returncode == 0, run.stderr
+        _EXPORTS[arch] = out, run
+    return _EXPORTS[arch]
+
+
+@pytest.fixture(scope="session", params=[arch.value for arch in Backbone])
+def arch(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="session")
-def reference_module() -> VGGFeatures:
+def exported(arch, tmp_path_factory) -> tuple[Path, CliRun]:
+    return export_once(arch, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def vgg19_export(tmp_path_factory) -> tuple[Path, CliRun]:
+    return export_once("vgg19", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def reference_module(arch) -> VGGFeatures:
     """What the CLI exported: default layers, max pooling, ImageNet normalization, seed-0 random weights."""
-    return VGGFeatures().load_weights(random_state_dict(0)).eval()
+    return VGGFeatures(arch=arch).load_weights(random_state_dict(0, arch)).eval()
 
 
-def test_export_writes_both_files_and_nothing_else(exported):
+def test_export_writes_both_files_and_nothing_else(exported, arch):
     out, run = exported
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_FILENAME, ONNX_FILENAME])
+    assert sorted(p.name for p in out.iterdir()) == sorted([manifest_filename(arch), onnx_filename(arch)])
     assert "Traceback" not in run.stderr
-    assert f"wrote {out / ONNX_FILENAME}" in run.stdout
+    assert f"wrote {out / onnx_filename(arch)}" in run.stdout
 
 
-def test_manifest_records_the_export(exported):
+def test_manifest_records_the_export(exported, arch):
     out, _ = exported
-    data = json.loads((out / MANIFEST_FILENAME).read_text())
-    assert data["arch"] == "vgg19"
+    data = json.loads((out / manifest_filename(arch)).read_text())
+    assert data["arch"] == arch
     assert (data["weights"], data["weights_source"], data["weights_sha256"]) == ("random", "seed=0", None)
-    assert data["state_dict_sha256"] == state_dict_digest(random_state_dict(0))
+    assert data["state_dict_sha256"] == state_dict_digest(random_state_dict(0, arch))
     assert data["layers"] == data["output_names"] == list(DEFAULT_EXPORT_LAYERS)
     assert (data["pooling"], data["padding"], data["opset"], data["input_name"]) == (
         "max",
@@ -96,11 +120,11 @@ def test_manifest_records_the_export(exported):
     assert data["torch_version"] == torch.__version__ and data["onnx_version"] == onnx.__version__
 
 
-def test_onnx_model_has_named_outputs_and_dynamic_sizes(exported):
+def test_onnx_model_has_named_outputs_and_dynamic_sizes(exported, arch):
     out, _ = exported
-    model = onnx.load(str(out / ONNX_FILENAME), load_external_data=False)
+    model = onnx.load(str(out / onnx_filename(arch)), load_external_data=False)
     assert min(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
-    session = ort.InferenceSession(str(out / ONNX_FILENAME), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(out / onnx_filename(arch)), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert [o.name for o in session.get_outputs()] == list(DEFAULT_EXPORT_LAYERS)
     channels = {"relu1_1": 64, "relu2_1": 128, "relu3_1": 256, "relu4_1": 512, "relu4_2": 512, "relu5_1": 512}
@@ -126,9 +150,9 @@ def test_parity_table_shows_every_layer_below_tolerance(exported):
     assert "1x3x64x64" in run.stdout and "1x3x136x200" in run.stdout
 
 
-def test_onnx_runtime_matches_torch(exported, reference_module):
+def test_onnx_runtime_matches_torch(exported, arch, reference_module):
     out, _ = exported
-    session = ort.InferenceSession(str(out / ONNX_FILENAME), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(out / onnx_filename(arch)), providers=["CPUExecutionProvider"])
     for height, width in SIZES:
         x = image(height, width, seed=5)
         with torch.no_grad():
@@ -139,26 +163,52 @@ def test_onnx_runtime_matches_torch(exported, reference_module):
         assert all(row.relative_error < TOLERANCE for row in rows), rows
 
 
-def test_round_trip_from_initializers_equals_exported_module(exported, reference_module):
+def test_round_trip_from_initializers_equals_exported_module(exported, arch, reference_module):
     out, _ = exported
     artifact = load_artifact(out)
-    original = random_state_dict(0)
-    assert list(artifact.state_dict) == list(expected_shapes())  # all 16 convs, also those past relu5_1
+    assert artifact.manifest.arch == arch and artifact.build_extractor().arch == arch
+    original = random_state_dict(0, arch)
+    # every conv, also those past relu5_1
+    assert list(artifact.state_dict) == list(expected_shapes(arch))
     assert all(torch.equal(artifact.state_dict[k], original[k]) for k in original)
+    deepest = LAYERS[Backbone(arch)][-2]  # relu5_4 / relu5_3
     x = image(40, 56, seed=9)
     with torch.no_grad():
         rebuilt, expected = artifact.build_extractor()(x), reference_module(x)
         assert all(torch.equal(rebuilt[k], expected[k]) for k in expected)
-        deep = artifact.build_extractor(layers=["relu5_4"], pooling="average")(x)["relu5_4"]
-        want = reference_module.configured(layers=["relu5_4"], pooling="average")(x)["relu5_4"]
+        deep = artifact.build_extractor(layers=[deepest], pooling="average")(x)[deepest]
+        want = reference_module.configured(layers=[deepest], pooling="average")(x)[deepest]
         assert torch.equal(deep, want)
 
 
-def test_onnx_runtime_loads_the_artifact_without_warnings(exported, capfd):
+def test_a_model_dir_may_hold_both_arches(tmp_path_factory):
+    vgg19, _ = export_once("vgg19", tmp_path_factory)
+    vgg16, _ = export_once("vgg16", tmp_path_factory)
+    both = tmp_path_factory.mktemp("both")
+    for source, arch in ((vgg19, "vgg19"), (vgg16, "vgg16")):
+        for name in (onnx_filename(arch), manifest_filename(arch)):
+            (both / name).symlink_to(source / name)
+    artifacts = load_artifacts(both)
+    assert {arch: a.manifest.arch for arch, a in artifacts.items()} == {"vgg19": "vgg19", "vgg16": "vgg16"}
+    assert load_artifact(both).manifest.arch == "vgg19"  # the default backbone when there are both
+    assert load_artifact(both, "vgg16").onnx_path == both / "vgg16.onnx"
+    run = run_cli("--check", str(both))
+    assert run.returncode == 0, run.stderr
+    assert f"{both}: vgg19," in run.stdout and f"{both}: vgg16," in run.stdout
+
+
+def test_manifest_of_the_other_arch_is_refused(vgg19_export, tmp_path):
+    out, _ = vgg19_export
+    (tmp_path / "vgg16.json").write_text((out / MANIFEST_FILENAME).read_text())
+    with pytest.raises(ArtifactError, match=r"vgg16.json describes a vgg19 model, not vgg16"):
+        load_artifact(tmp_path)
+
+
+def test_onnx_runtime_loads_the_artifact_without_warnings(exported, arch, capfd):
     out, _ = exported
     options = ort.SessionOptions()
     options.log_severity_level = 2  # warnings and up: an unused initializer would be one
-    ort.InferenceSession(str(out / ONNX_FILENAME), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(out / onnx_filename(arch)), options, providers=["CPUExecutionProvider"])
     assert "[W:onnxruntime" not in capfd.readouterr().err
 
 
@@ -190,11 +240,11 @@ def test_variant_export_round_trips_and_matches(tmp_path):
     assert all(row.relative_error < TOLERANCE for row in rows), rows
 
 
-def test_check_mode_verifies_an_existing_artifact(exported):
+def test_check_mode_verifies_an_existing_artifact(exported, arch):
     out, _ = exported
     run = run_cli("--check", str(out))
     assert run.returncode == 0, run.stderr
-    assert "relu5_1" in run.stdout and "max relative error" in run.stdout
+    assert "relu5_1" in run.stdout and "max relative error" in run.stdout and f"{out}: {arch}," in run.stdout
 
 
 # --- bad input: one line on stderr, exit code 2, no traceback -------------------------------------
@@ -202,7 +252,7 @@ def test_check_mode_verifies_an_existing_artifact(exported):
 
 def test_unknown_layer(tmp_path):
     run = run_cli("--weights", "random", "--out", str(tmp_path / "m"), "--layers", "relu1_1", "relu6_1")
-    assert_one_line_error(run, "unknown layer(s) relu6_1; valid: conv1_1 relu1_1")
+    assert_one_line_error(run, "unknown layer(s) relu6_1 for vgg19; valid: conv1_1 relu1_1")
     assert not (tmp_path / "m" / ONNX_FILENAME).exists()
 
 
@@ -265,8 +315,8 @@ def damaged(data: bytes, damage: str) -> bytes:
         ("bitflip", "disagrees with vgg19.json's state_dict_sha256"),
     ],
 )
-def test_corrupt_onnx(exported, tmp_path, damage, fragment):
-    out, _ = exported
+def test_corrupt_onnx(vgg19_export, tmp_path, damage, fragment):
+    out, _ = vgg19_export
     bad = damaged((out / ONNX_FILENAME).read_bytes(), damage)
     model_dir = copy_artifact(out, tmp_path / "model", onnx_bytes=bad)
     with pytest.raises(ArtifactError) as info:
@@ -275,8 +325,8 @@ def test_corrupt_onnx(exported, tmp_path, damage, fragment):
     assert_one_line_error(run_cli("--check", str(model_dir)), fragment)
 
 
-def test_manifest_digest_disagreeing_with_weights(exported, tmp_path):
-    out, _ = exported
+def test_manifest_digest_disagreeing_with_weights(vgg19_export, tmp_path):
+    out, _ = vgg19_export
     model_dir = copy_artifact(out, tmp_path / "model")
     data = json.loads((model_dir / MANIFEST_FILENAME).read_text())
     data["state_dict_sha256"] = state_dict_digest(random_state_dict(1))
@@ -294,8 +344,8 @@ def test_manifest_digest_disagreeing_with_weights(exported, tmp_path):
         (lambda d: d.update(format=99), "format 99 is not the supported 1"),
     ],
 )
-def test_bad_manifest(exported, tmp_path, edit, fragment):
-    out, _ = exported
+def test_bad_manifest(vgg19_export, tmp_path, edit, fragment):
+    out, _ = vgg19_export
     model_dir = copy_artifact(out, tmp_path / "model")
     data = json.loads((model_dir / MANIFEST_FILENAME).read_text())
     edit(data)
@@ -305,10 +355,12 @@ def test_bad_manifest(exported, tmp_path, edit, fragment):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-def test_missing_files(exported, tmp_path):
-    with pytest.raises(ArtifactError, match=r"vgg19.json not found; create the artifact with stylize-export"):
+def test_missing_files(vgg19_export, tmp_path):
+    with pytest.raises(ArtifactError, match=r"holds no model \(vgg19.json or vgg16.json not found\); create"):
         load_artifact(tmp_path)
-    (tmp_path / MANIFEST_FILENAME).write_text((exported[0] / MANIFEST_FILENAME).read_text())
+    with pytest.raises(ArtifactError, match=r"vgg16.json not found; create the artifact with stylize-export"):
+        load_artifact(tmp_path, "vgg16")
+    (tmp_path / MANIFEST_FILENAME).write_text((vgg19_export[0] / MANIFEST_FILENAME).read_text())
     with pytest.raises(ArtifactError, match=r"vgg19.onnx not found"):
         load_artifact(tmp_path)
     (tmp_path / MANIFEST_FILENAME).write_text("{not json")

@@ -57,10 +57,26 @@ def published(tmp_path: Path, seed: int) -> tuple[RemoteWeights, Path]:
 
 
 def test_published_urls():
-    assert REMOTE_WEIGHTS["imagenet"].url == "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
-    assert REMOTE_WEIGHTS["imagenet"].hash_prefix == "dcbb9e9d"
-    assert REMOTE_WEIGHTS["caffe"].url.endswith("/vgg19-d01eb7cb.pth")
-    assert REMOTE_WEIGHTS["caffe"].normalization == CAFFE_NORMALIZATION
+    vgg19, vgg16 = REMOTE_WEIGHTS["vgg19"], REMOTE_WEIGHTS["vgg16"]
+    assert vgg19["imagenet"].url == "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+    assert vgg19["imagenet"].hash_prefix == "dcbb9e9d"
+    assert vgg19["caffe"].url.endswith("/vgg19-d01eb7cb.pth")
+    assert vgg19["caffe"].normalization == CAFFE_NORMALIZATION
+    assert vgg16["imagenet"].url == "https://download.pytorch.org/models/vgg16-397923af.pth"
+    assert vgg16["imagenet"].hash_prefix == "397923af"
+    assert vgg16["caffe"].url.endswith("/vgg16-00b39a1b.pth")
+    assert vgg16["caffe"].normalization == CAFFE_NORMALIZATION
+
+
+def test_vgg16_download_is_hash_checked_and_has_vgg16_keys(tmp_path, torch_home):
+    staging = tmp_path / "staging.pth"
+    torch.save({**random_state_dict(6, "vgg16"), "classifier.0.weight": torch.zeros(4, 2)}, staging)
+    served = tmp_path / f"vgg16-{file_sha256(staging)[:8]}.pth"
+    staging.rename(served)
+    resolved = fetch(RemoteWeights(WeightsKind.IMAGENET, served.as_uri(), IMAGENET_NORMALIZATION), "vgg16")
+    assert list(resolved.state_dict) == list(random_state_dict(6, "vgg16"))
+    with pytest.raises(WeightsError, match=r"lack 12 VGG19 key\(s\), first .features.16.weight."):
+        fetch(RemoteWeights(WeightsKind.IMAGENET, served.as_uri(), IMAGENET_NORMALIZATION), "vgg19")
 
 
 def test_download_lands_in_the_hub_cache_hash_checked(tmp_path, torch_home):
@@ -117,7 +133,7 @@ def test_auto_prefers_the_cache(tmp_path, torch_home, offline, monkeypatch):
     remote, served = published(tmp_path, seed=3)
     torch_home.mkdir(parents=True)
     (torch_home / served.name).write_bytes(served.read_bytes())
-    monkeypatch.setitem(weights_module.REMOTE_WEIGHTS, "imagenet", remote)
+    monkeypatch.setitem(weights_module.REMOTE_WEIGHTS["vgg19"], "imagenet", remote)
     warning = io.StringIO()
     resolved = resolve_weights("auto", warn=warning)
     assert resolved.kind == "imagenet" and warning.getvalue() == ""

@@ -1,4 +1,5 @@
-"""The VGG19 feature extractor: torchvision's layout, taps, pooling/padding variants, weight checks."""
+"""The VGG19 and VGG16 feature extractors: torchvision's layout, taps, pooling/padding variants, weight
+checks, Keras layer aliases."""
 
 from __future__ import annotations
 
@@ -15,18 +16,30 @@ from stylize.export.vgg import (
     random_state_dict,
     validate_state_dict,
 )
-from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, VGG19_LAYERS
+from stylize.server.engine.options import (
+    ALIASES,
+    DEFAULT_EXPORT_LAYERS,
+    LAYERS,
+    VGG19_LAYERS,
+    Backbone,
+    canonical_layer,
+)
+
+ARCHES = [arch.value for arch in Backbone]
+# torchvision's VGG16 conv indices in `features` (models/vgg.py, configuration "D"), typed out here as an
+# independent check of the layout derived from the layer names.
+TORCHVISION_VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 
 
-def architecture_from_layer_names() -> dict[str, tuple[int, ...]]:
-    """torchvision's VGG19 `features` keys and shapes, derived from the layer names alone.
+def architecture_from_layer_names(arch: str = "vgg19") -> dict[str, tuple[int, ...]]:
+    """torchvision's `features` keys and shapes, derived from the layer names alone.
 
-    `features` holds one module per VGG19_LAYERS entry, in order; block b's convs have
+    `features` holds one module per LAYERS entry, in order; block b's convs have
     min(64 * 2**(b-1), 512) output channels, each takes the previous conv's channels.
     """
     shapes: dict[str, tuple[int, ...]] = {}
     channels = 3
-    for index, name in enumerate(VGG19_LAYERS):
+    for index, name in enumerate(LAYERS[Backbone(arch)]):
         match = re.fullmatch(r"conv(\d)_\d", name)
         if match:
             out = min(64 * 2 ** (int(match.group(1)) - 1), 512)
@@ -46,9 +59,10 @@ def image() -> torch.Tensor:
     return torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(1))
 
 
-def test_state_dict_is_torchvision_layout():
-    state = VGGFeatures().state_dict()
-    expected = architecture_from_layer_names()
+@pytest.mark.parametrize("arch", ARCHES)
+def test_state_dict_is_torchvision_layout(arch):
+    state = VGGFeatures(arch=arch).state_dict()
+    expected = architecture_from_layer_names(arch)
     assert list(state) == list(expected)
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
     assert [k for k in expected if k.endswith("weight")][:3] == [
@@ -56,14 +70,57 @@ def test_state_dict_is_torchvision_layout():
         "features.2.weight",
         "features.5.weight",
     ]
+    assert len(expected) == 2 * {"vgg19": 16, "vgg16": 13}[arch]
 
 
-def test_features_modules_sit_where_the_layer_names_say():
-    features = VGGFeatures().features
-    assert len(features) == len(VGG19_LAYERS)
+def test_vgg16_convs_sit_at_torchvisions_indices():
+    weights = [k for k in architecture_from_layer_names("vgg16") if k.endswith(".weight")]
+    assert weights == [f"features.{index}.weight" for index in TORCHVISION_VGG16_CONVS]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_features_modules_sit_where_the_layer_names_say(arch):
+    features = VGGFeatures(arch=arch).features
+    assert len(features) == len(LAYERS[Backbone(arch)])
     kinds = {"conv": nn.Conv2d, "relu": nn.ReLU, "pool": nn.MaxPool2d}
-    for module, name in zip(features, VGG19_LAYERS, strict=True):
+    for module, name in zip(features, LAYERS[Backbone(arch)], strict=True):
         assert isinstance(module, kinds[name[:4]]), name
+
+
+def keras_module_index(features: nn.Sequential, alias: str) -> int:
+    """Where Keras' `blockB_convC` / `blockB_pool` sits in a torchvision `features` Sequential, found by
+    walking the modules (block B starts after B-1 poolings; C counts the convs inside it). For a conv,
+    the index of the ReLU after it: Keras' Conv2D layers apply their activation."""
+    block, _, rest = alias.removeprefix("block").partition("_")
+    blocks, convs = 1, 0
+    for index, module in enumerate(features):
+        if isinstance(module, nn.MaxPool2d):
+            if rest == "pool" and blocks == int(block):
+                return index
+            blocks, convs = blocks + 1, 0
+        elif isinstance(module, nn.Conv2d) and blocks == int(block):
+            convs += 1
+            if rest == f"conv{convs}":
+                assert isinstance(features[index + 1], nn.ReLU)
+                return index + 1
+    raise AssertionError(f"{alias} not found")
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_keras_aliases_tap_the_modules_keras_names(arch, image):
+    """Each alias's tap equals the Sequential run up to the module Keras' name denotes (post-ReLU)."""
+    model = VGGFeatures(arch=arch).load_weights(random_state_dict(0, arch)).eval()
+    aliases = ALIASES[Backbone(arch)]
+    assert len(aliases) == len(model.features) - sum(isinstance(m, nn.Conv2d) for m in model.features)
+    assert {"block4_conv2", "block5_conv1", "block2_pool"} <= set(aliases)
+    with torch.no_grad():
+        tapped = model.configured(layers=list(aliases))(image)
+        normalized = model.normalize(image)
+        for alias in aliases:
+            expected = model.features[: keras_module_index(model.features, alias) + 1](normalized)
+            assert torch.allclose(tapped[canonical_layer(alias, arch)], expected, atol=1e-5), alias
+    assert canonical_layer("block4_conv2", arch) == "relu4_2"
+    assert canonical_layer("block3_conv4", arch) == ("relu3_4" if arch == "vgg19" else None)
 
 
 def test_taps_return_requested_layers_only_in_order(model, image):
@@ -150,12 +207,17 @@ def test_min_side_follows_the_pools_on_the_way():
 
 
 @pytest.mark.parametrize(
-    ("layers", "fragment"),
-    [(["relu1_1", "relu9_9"], "unknown layer(s) relu9_9; valid: conv1_1"), ([], "no layers to tap")],
+    ("layers", "arch", "fragment"),
+    [
+        (["relu1_1", "relu9_9"], "vgg19", "unknown layer(s) relu9_9 for vgg19; valid: conv1_1"),
+        (["relu3_4"], "vgg16", "unknown layer(s) relu3_4 for vgg16; valid: conv1_1"),
+        (["relu3_3"], "vgg11", "unknown arch 'vgg11'; valid: vgg19 vgg16"),
+        ([], "vgg19", "no layers to tap"),
+    ],
 )
-def test_bad_layers_give_one_line_error(layers, fragment):
+def test_bad_layers_give_one_line_error(layers, arch, fragment):
     with pytest.raises(ModelError) as info:
-        VGGFeatures(layers)
+        VGGFeatures(layers, arch=arch)
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
