@@ -72,6 +72,9 @@ def test_proto_and_engine_have_the_same_fields(message: str, dataclass_type: typ
     ("proto_enum", "engine_enum"),
     [
         ("StyleLoss", engine_options.StyleLoss),
+        ("LossNormalization", engine_options.LossNormalization),
+        ("StyleResize", engine_options.StyleResize),
+        ("Backbone", engine_options.Backbone),
         ("Optimizer", engine_options.Optimizer),
         ("Init", engine_options.Init),
         ("ColorMode", engine_options.ColorMode),

@@ -12,6 +12,18 @@ divided by the squared magnitude of its target:
 - layer weights are relative inside their term (normalized to sum 1), so `style_weight`
   means the same with two style layers or five.
 
+That is `loss_normalization` RELATIVE, the default. Two others reproduce the classic recipes,
+whose published weights only mean what they meant there under the same arithmetic:
+
+- GATYS (Gatys et al. 2016, eqs. 1 and 4): content 1/2 sum (F - P)^2; style per layer
+  1/(4 N^2 M^2) sum (G - A)^2 with G = F F^T over M positions and N channels, which is
+  1/4 of the mean over the N^2 entries of the squared difference of position-averaged Grams;
+- POSITIONS (the Keras/TensorFlow tutorial): Grams divided by the number of positions, the
+  mean of their squared difference; content the mean squared error of the features.
+
+Both are absolute: their values scale with the activations' magnitude (so with the weights'
+kind and the input normalization), as they did in those programs.
+
 The total-variation term works on the image itself (RGB in [0, 1]): mean squared
 difference of neighbouring pixels.
 
@@ -28,8 +40,12 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from stylize.server.engine.options import LossNormalization
+
 # Added to divisors so an all-zero target (a black image at a layer) gives a finite loss.
 EPS = 1e-8
+# GATYS's style loss relative to POSITIONS': 1/(4 N^2 M^2) sum (G - A)^2 = 1/4 mean (G/M - A/M)^2.
+GATYS_STYLE_FACTOR = 0.25
 
 
 def _fp32(features: Tensor) -> Tensor:
@@ -73,14 +89,24 @@ def blend(statistics: Sequence[Statistic], weights: Sequence[float]) -> Statisti
     )
 
 
-class ContentLoss(nn.Module):
-    """Mean squared error of the features, relative to the target's mean square."""
+def _relative(target: Tensor) -> Tensor:
+    return 1.0 / (target.square().mean() + EPS)
 
-    def __init__(self, target: Tensor):
+
+class ContentLoss(nn.Module):
+    """Mean squared error of the features times a scale: relative to the target's mean square, or
+    (GATYS) times half the number of elements, making it 1/2 sum (F - P)^2, or (POSITIONS) one."""
+
+    def __init__(self, target: Tensor, normalization: LossNormalization = LossNormalization.RELATIVE):
         super().__init__()
         target = target.detach().float()
+        scales = {
+            LossNormalization.RELATIVE: _relative,
+            LossNormalization.GATYS: lambda t: torch.tensor(t.numel() / 2.0),
+            LossNormalization.POSITIONS: lambda t: torch.tensor(1.0),
+        }
         self.register_buffer("target", target)
-        self.register_buffer("scale", 1.0 / (target.square().mean() + EPS))
+        self.register_buffer("scale", scales[normalization](target))
 
     def forward(self, features: Tensor) -> Tensor:
         with _no_autocast(features):
@@ -88,15 +114,21 @@ class ContentLoss(nn.Module):
 
 
 class GramStyleLoss(nn.Module):
-    """Gatys et al.'s style loss: mean squared error of Gram matrices, relative to the target's."""
+    """Gatys et al.'s style loss: mean squared error of position-averaged Gram matrices times a
+    scale: relative to the target's mean square, 1/4 (GATYS) or one (POSITIONS)."""
 
     statistics = staticmethod(gram_matrix)
 
-    def __init__(self, target: Tensor):
+    def __init__(self, target: Tensor, normalization: LossNormalization = LossNormalization.RELATIVE):
         super().__init__()
         target = target.detach().float()
+        scales = {
+            LossNormalization.RELATIVE: _relative,
+            LossNormalization.GATYS: lambda t: torch.tensor(GATYS_STYLE_FACTOR),
+            LossNormalization.POSITIONS: lambda t: torch.tensor(1.0),
+        }
         self.register_buffer("target", target)
-        self.register_buffer("scale", 1.0 / (target.square().mean() + EPS))
+        self.register_buffer("scale", scales[normalization](target))
 
     def forward(self, features: Tensor) -> Tensor:
         return (gram_matrix(features) - self.target).square().mean() * self.scale
@@ -117,8 +149,15 @@ class MeanCovarianceStyleLoss(nn.Module):
 
     statistics = staticmethod(mean_and_second_moment)
 
-    def __init__(self, target: tuple[Tensor, Tensor], floor: float = 1e-8):
+    def __init__(
+        self,
+        target: tuple[Tensor, Tensor],
+        normalization: LossNormalization = LossNormalization.RELATIVE,
+        floor: float = 1e-8,
+    ):
         super().__init__()
+        if normalization != LossNormalization.RELATIVE:  # options.validate() refuses the combination
+            raise ValueError(f"the mean-covariance loss is relative only, not {normalization}")
         mean, second_moment = (t.detach().float() for t in target)
         covariance = second_moment - torch.outer(mean, mean)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())

@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 
-# The layers the VGG19 extractor can tap, in network order. Kept here (not in
-# the model module) because validation and the client need them without torch.
+# The layers each backbone's extractor can tap, in network order, one name per module of
+# torchvision's `features` Sequential. Kept here (not in the model module) because validation
+# and the client need them without torch.
 VGG19_LAYERS: tuple[str, ...] = (
     "conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1",
     "conv2_1", "relu2_1", "conv2_2", "relu2_2", "pool2",
     "conv3_1", "relu3_1", "conv3_2", "relu3_2", "conv3_3", "relu3_3", "conv3_4", "relu3_4", "pool3",
     "conv4_1", "relu4_1", "conv4_2", "relu4_2", "conv4_3", "relu4_3", "conv4_4", "relu4_4", "pool4",
     "conv5_1", "relu5_1", "conv5_2", "relu5_2", "conv5_3", "relu5_3", "conv5_4", "relu5_4", "pool5",
+)  # fmt: skip
+VGG16_LAYERS: tuple[str, ...] = (
+    "conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1",
+    "conv2_1", "relu2_1", "conv2_2", "relu2_2", "pool2",
+    "conv3_1", "relu3_1", "conv3_2", "relu3_2", "conv3_3", "relu3_3", "pool3",
+    "conv4_1", "relu4_1", "conv4_2", "relu4_2", "conv4_3", "relu4_3", "pool4",
+    "conv5_1", "relu5_1", "conv5_2", "relu5_2", "conv5_3", "relu5_3", "pool5",
 )  # fmt: skip
 
 DEFAULT_CONTENT_LAYERS: tuple[tuple[str, float], ...] = (("relu4_2", 1.0),)
@@ -33,9 +41,63 @@ DEFAULT_STYLE_LAYERS: tuple[tuple[str, float], ...] = tuple(
 DEFAULT_EXPORT_LAYERS: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1")
 
 
+class Backbone(StrEnum):
+    VGG19 = "vgg19"
+    VGG16 = "vgg16"
+
+
+LAYERS: dict[Backbone, tuple[str, ...]] = {Backbone.VGG19: VGG19_LAYERS, Backbone.VGG16: VGG16_LAYERS}
+
+
+def keras_aliases(layers: Sequence[str]) -> dict[str, str]:
+    """Keras' layer names of a backbone -> ours: `blockB_convC` -> `reluB_C`, `blockB_pool` -> `poolB`.
+
+    A Keras Conv2D layer includes its ReLU (activation="relu"), so its output is our post-activation
+    `relu` tap, never the pre-activation `conv` one. Derived from the layer list, not typed out.
+    """
+    aliases = {}
+    for name in layers:
+        if name.startswith("relu"):
+            block, conv = name.removeprefix("relu").split("_")
+            aliases[f"block{block}_conv{conv}"] = name
+        elif name.startswith("pool"):
+            aliases[f"block{name.removeprefix('pool')}_pool"] = name
+    return aliases
+
+
+ALIASES: dict[Backbone, dict[str, str]] = {backbone: keras_aliases(LAYERS[backbone]) for backbone in Backbone}
+
+
+def canonical_layer(name: str, backbone: str) -> str | None:
+    """Our name of a layer given by our name or its Keras alias; None when `backbone` has no such layer."""
+    if backbone not in LAYERS:
+        return None
+    if name in LAYERS[Backbone(backbone)]:
+        return name
+    return ALIASES[Backbone(backbone)].get(name)
+
+
+def layer_names(backbone: str) -> str:
+    """The valid names for error messages: ours, then the Keras aliases."""
+    return f"{' '.join(LAYERS[Backbone(backbone)])} (or Keras' {' '.join(ALIASES[Backbone(backbone)])})"
+
+
 class StyleLoss(StrEnum):
     GRAM = "gram"
     MEAN_COVARIANCE = "mean_covariance"
+
+
+class LossNormalization(StrEnum):
+    """How the content and style losses are scaled; see stylize.server.engine.losses."""
+
+    RELATIVE = "relative"
+    GATYS = "gatys"
+    POSITIONS = "positions"
+
+
+class StyleResize(StrEnum):
+    KEEP_ASPECT = "keep_aspect"
+    MATCH_OUTPUT = "match_output"
 
 
 class Optimizer(StrEnum):
@@ -88,6 +150,7 @@ class StyleOptions:
     content_layers: tuple[tuple[str, float], ...] = DEFAULT_CONTENT_LAYERS
     style_layers: tuple[tuple[str, float], ...] = DEFAULT_STYLE_LAYERS
     style_loss: StyleLoss = StyleLoss.GRAM
+    loss_normalization: LossNormalization = LossNormalization.RELATIVE
 
     optimizer: Optimizer = Optimizer.LBFGS
     learning_rate: float = 0.02
@@ -98,8 +161,10 @@ class StyleOptions:
     seed: int = 0
 
     style_scale: float = 1.0
+    style_resize: StyleResize = StyleResize.KEEP_ASPECT
     color: ColorMode = ColorMode.NONE
 
+    backbone: Backbone = Backbone.VGG19
     pooling: Pooling = Pooling.MAX
     padding: Padding = Padding.ZEROS
     precision: Precision = Precision.AUTO
@@ -154,9 +219,24 @@ DEFAULT_PREVIEW = PreviewOptions()
 DEFAULT_LIMITS = Limits()
 
 
-def downsampling(layer: str) -> int:
+def downsampling(layer: str, backbone: str = Backbone.VGG19) -> int:
     """How many times smaller than the input a layer's feature map is (2x per pooling before it)."""
-    return 2 ** sum(name.startswith("pool") for name in VGG19_LAYERS[: VGG19_LAYERS.index(layer)])
+    layers = LAYERS[Backbone(backbone)]
+    return 2 ** sum(name.startswith("pool") for name in layers[: layers.index(layer)])
+
+
+def with_canonical_layers(options: StyleOptions) -> StyleOptions:
+    """The options with Keras aliases replaced by our layer names (unknown names are left as they are)."""
+    return replace(
+        options,
+        **{
+            field: tuple(
+                (canonical_layer(name, options.backbone) or name, weight)
+                for name, weight in getattr(options, field)
+            )
+            for field in ("content_layers", "style_layers")
+        },
+    )
 
 
 def _real(value: object) -> bool:
@@ -169,6 +249,9 @@ def _whole(value: object, minimum: int) -> bool:
 
 _ENUM_FIELDS: dict[str, type[StrEnum]] = {
     "style_loss": StyleLoss,
+    "loss_normalization": LossNormalization,
+    "style_resize": StyleResize,
+    "backbone": Backbone,
     "optimizer": Optimizer,
     "init": Init,
     "color": ColorMode,
@@ -183,16 +266,24 @@ class _Violations(list[FieldViolation]):
         self.append(FieldViolation(field, description))
 
 
-def _check_layers(found: _Violations, name: str, layers: tuple[tuple[str, float], ...]) -> None:
-    seen: set[str] = set()
+def _check_layers(
+    found: _Violations, name: str, layers: tuple[tuple[str, float], ...], backbone: str
+) -> list[str]:
+    """Report unknown and repeated layers (a Keras alias repeats the layer it names); returns the
+    known layers by our names. Names are judged only once the backbone is known to be valid."""
+    known: list[str] = []
     for index, (layer, weight) in enumerate(layers):
-        if layer not in VGG19_LAYERS:
-            found.add(f"{name}[{index}].layer", f"unknown layer {layer!r}; valid: {' '.join(VGG19_LAYERS)}")
-        elif layer in seen:
+        canonical = canonical_layer(layer, backbone)
+        if canonical is None and backbone in LAYERS:
+            valid = layer_names(backbone)
+            found.add(f"{name}[{index}].layer", f"unknown {backbone} layer {layer!r}; valid: {valid}")
+        elif canonical in known:
             found.add(f"{name}[{index}].layer", f"layer {layer!r} is listed twice")
-        seen.add(layer)
+        elif canonical is not None:
+            known.append(canonical)
         if not (_real(weight) and weight >= 0):
             found.add(f"{name}[{index}].weight", f"must be finite and >= 0, got {weight}")
+    return known
 
 
 def _check_sizes(found: _Violations, o: StyleOptions, limits: Limits, smallest: int) -> dict[str, bool]:
@@ -305,12 +396,16 @@ def validate(
         if value not in {member.value for member in kind}:
             found.add(field, f"unknown value {value!r}; valid: {' '.join(member.value for member in kind)}")
 
-    _check_layers(found, "content_layers", o.content_layers)
-    _check_layers(found, "style_layers", o.style_layers)
+    chosen = _check_layers(found, "content_layers", o.content_layers, o.backbone)
+    chosen += _check_layers(found, "style_layers", o.style_layers, o.backbone)
     if not o.style_layers:
         found.add("style_layers", "at least one style layer is needed")
-    chosen = [layer for layer, _ in (*o.content_layers, *o.style_layers) if layer in VGG19_LAYERS]
-    smallest = max((downsampling(layer) for layer in chosen), default=1)
+    smallest = max((downsampling(layer, o.backbone) for layer in chosen), default=1)
+    if o.loss_normalization != LossNormalization.RELATIVE and o.style_loss != StyleLoss.GRAM:
+        found.add(
+            "loss_normalization",
+            f"{o.loss_normalization} scales Gram matrices; style_loss {o.style_loss} needs relative",
+        )
 
     sizes = _check_sizes(found, o, limits, smallest)
     _check_iterations(found, o, limits, all(sizes.values()))

@@ -28,15 +28,18 @@ from stylize.server.engine.losses import STYLE_LOSSES, ContentLoss, LayerSum, Ob
 from stylize.server.engine.optimizers import AdamStepper, LBFGSStepper, Stepper
 from stylize.server.engine.options import (
     DEFAULT_LIMITS,
-    VGG19_LAYERS,
+    LAYERS,
+    Backbone,
     ColorMode,
     FieldViolation,
     Limits,
     Optimizer,
     OptionsError,
     StyleOptions,
+    StyleResize,
     downsampling,
     validate,
+    with_canonical_layers,
 )
 from stylize.server.engine.precision import network_autocast, network_dtype
 from stylize.server.engine.records import Cancelled, Losses, Progress, Result
@@ -78,9 +81,15 @@ def stylize(
     `preview_every` divides the 1-based iteration, then one Result. It raises Cancelled within
     one iteration of `cancel` being set. `targets`, when given, must compute the same features
     as `extractor` configured with the job's pooling and padding; layers it does not return
-    come from the torch extractor. The extractor's parameters are moved to `device`.
+    come from the torch extractor. The extractor's parameters are moved to `device`; its `arch`
+    must be the options' backbone. Layers may be given by their Keras aliases.
     """
     violations = _image_violations(content, styles)
+    arch = getattr(extractor, "arch", Backbone.VGG19)
+    if arch != options.backbone:
+        violations.append(
+            FieldViolation("backbone", f"is {options.backbone}, but this engine's network is {arch}")
+        )
     try:
         validate(
             options,
@@ -97,7 +106,7 @@ def stylize(
         raise ValueError(
             f"preview_every must be >= 0 and progress_every >= 1, got {preview_every}, {progress_every}"
         )
-    return _Job(content, styles, options, extractor, device, targets, cancel).run(
+    return _Job(content, styles, with_canonical_layers(options), extractor, device, targets, cancel).run(
         preview_every, progress_every
     )
 
@@ -152,7 +161,7 @@ class _Job:
         self.targets = targets
         self.content_layers, self.style_layers = active_layers(o)
         layers = set(self.content_layers) | set(self.style_layers)
-        self.layers = tuple(name for name in VGG19_LAYERS if name in layers)
+        self.layers = tuple(name for name in LAYERS[Backbone(o.backbone)] if name in layers)
         # Targets come from the float32 network; the loop's network holds its weights in the
         # precision it computes in, so autocast does not re-cast 20M parameters every iteration
         # (it caches casts only for parameters that require grad, and these do not).
@@ -165,7 +174,7 @@ class _Job:
         if self.network is not None and network_dtype(o.precision, device) != torch.float32:
             self.network = _parameters_as(self.network, network_dtype(o.precision, device))
         self.autocast = lambda: network_autocast(o.precision, device)
-        self.smallest = max((downsampling(name) for name in self.layers), default=1)
+        self.smallest = max((downsampling(name, o.backbone) for name in self.layers), default=1)
 
         self.content = content.to(device, torch.float32)[None]
         total = sum(weight for _, weight in styles)
@@ -200,33 +209,43 @@ class _Job:
                 found |= {name: f.float() for name, f in features.items() if name in missing}
         return found
 
-    def _style_input(self, style: Tensor, edge: int) -> Tensor:
+    def _style_input(self, style: Tensor, output: tuple[int, int]) -> Tensor:
+        """The style at this scale: its own aspect with the longest edge of the output (KEEP_ASPECT), or
+        the output's width and height (MATCH_OUTPUT, Gatys et al. 2016), times style_scale."""
+        o = self.options
         height, width = style.shape[-2:]
-        w, h = schedule.fit(edge, (width, height))
+        if o.style_resize == StyleResize.MATCH_OUTPUT:
+            w, h = (max(1, round(side * o.style_scale)) for side in output)
+        else:
+            w, h = schedule.fit(round(max(output) * o.style_scale), (width, height))
         grow = max(1.0, self.smallest / min(w, h))  # tiny or elongated styles still reach the deepest layer
         return _resize(style, round(h * grow), round(w * grow))
 
     def _style_statistics(
-        self, style: Tensor, edge: int, statistics: Callable[[Tensor], object]
+        self, style: Tensor, output: tuple[int, int], statistics: Callable[[Tensor], object]
     ) -> dict[str, object]:
-        features = self._target_features(self._style_input(style, edge))
+        features = self._target_features(self._style_input(style, output))
         return {name: statistics(features[name]) for name in self.style_layers}
 
-    def _objective(self, content: Tensor, edge: int) -> Objective:
+    def _objective(self, content: Tensor) -> Objective:
         o = self.options
+        output = (content.shape[-1], content.shape[-2])
         content_features = self._target_features(content) if self.content_layers else {}
         content_sum = LayerSum(
-            {name: ContentLoss(content_features[name]) for name in self.content_layers},
+            {name: ContentLoss(content_features[name], o.loss_normalization) for name in self.content_layers},
             dict(o.content_layers),
         )
         style_loss = STYLE_LOSSES[o.style_loss]
         per_style = [
-            self._style_statistics(style, round(edge * o.style_scale), style_loss.statistics)
+            self._style_statistics(style, output, style_loss.statistics)
             for style, _ in (self.work_styles if self.style_layers else [])
         ]
         weights = [weight for _, weight in self.work_styles]
         style_sum = LayerSum(
-            {name: style_loss(blend([s[name] for s in per_style], weights)) for name in self.style_layers},
+            {
+                name: style_loss(blend([s[name] for s in per_style], weights), o.loss_normalization)
+                for name in self.style_layers
+            },
             dict(o.style_layers),
         )
         return Objective(
@@ -287,7 +306,7 @@ class _Job:
         for index, scale in enumerate(plan):
             self._check_cancel()
             content = _resize(self.work_content, scale.height, scale.width)
-            objective = self._objective(content, max(scale.width, scale.height))
+            objective = self._objective(content)
             if stepper is None:
                 image = initial_image(
                     o.init, content[0], [(s[0], w) for s, w in self.work_styles], seed=o.seed

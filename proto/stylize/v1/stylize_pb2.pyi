@@ -20,6 +20,25 @@ class StyleLoss(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STYLE_LOSS_GRAM: _ClassVar[StyleLoss]
     STYLE_LOSS_MEAN_COVARIANCE: _ClassVar[StyleLoss]
 
+class LossNormalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOSS_NORMALIZATION_UNSPECIFIED: _ClassVar[LossNormalization]
+    LOSS_NORMALIZATION_RELATIVE: _ClassVar[LossNormalization]
+    LOSS_NORMALIZATION_GATYS: _ClassVar[LossNormalization]
+    LOSS_NORMALIZATION_POSITIONS: _ClassVar[LossNormalization]
+
+class StyleResize(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STYLE_RESIZE_UNSPECIFIED: _ClassVar[StyleResize]
+    STYLE_RESIZE_KEEP_ASPECT: _ClassVar[StyleResize]
+    STYLE_RESIZE_MATCH_OUTPUT: _ClassVar[StyleResize]
+
+class Backbone(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKBONE_UNSPECIFIED: _ClassVar[Backbone]
+    BACKBONE_VGG19: _ClassVar[Backbone]
+    BACKBONE_VGG16: _ClassVar[Backbone]
+
 class Optimizer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OPTIMIZER_UNSPECIFIED: _ClassVar[Optimizer]
@@ -75,6 +94,16 @@ IMAGE_FORMAT_WEBP: ImageFormat
 STYLE_LOSS_UNSPECIFIED: StyleLoss
 STYLE_LOSS_GRAM: StyleLoss
 STYLE_LOSS_MEAN_COVARIANCE: StyleLoss
+LOSS_NORMALIZATION_UNSPECIFIED: LossNormalization
+LOSS_NORMALIZATION_RELATIVE: LossNormalization
+LOSS_NORMALIZATION_GATYS: LossNormalization
+LOSS_NORMALIZATION_POSITIONS: LossNormalization
+STYLE_RESIZE_UNSPECIFIED: StyleResize
+STYLE_RESIZE_KEEP_ASPECT: StyleResize
+STYLE_RESIZE_MATCH_OUTPUT: StyleResize
+BACKBONE_UNSPECIFIED: Backbone
+BACKBONE_VGG19: Backbone
+BACKBONE_VGG16: Backbone
 OPTIMIZER_UNSPECIFIED: Optimizer
 OPTIMIZER_LBFGS: Optimizer
 OPTIMIZER_ADAM: Optimizer
@@ -105,20 +134,22 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class StylizeRequest(_message.Message):
-    __slots__ = ("content_image", "styles", "options", "preview", "output_format", "client_tag")
+    __slots__ = ("content_image", "styles", "options", "preview", "output_format", "client_tag", "preset")
     CONTENT_IMAGE_FIELD_NUMBER: _ClassVar[int]
     STYLES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TAG_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
     content_image: bytes
     styles: _containers.RepeatedCompositeFieldContainer[StyleImage]
     options: StyleOptions
     preview: PreviewOptions
     output_format: ImageFormat
     client_tag: str
-    def __init__(self, content_image: _Optional[bytes] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., options: _Optional[_Union[StyleOptions, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., client_tag: _Optional[str] = ...) -> None: ...
+    preset: str
+    def __init__(self, content_image: _Optional[bytes] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., options: _Optional[_Union[StyleOptions, _Mapping]] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., client_tag: _Optional[str] = ..., preset: _Optional[str] = ...) -> None: ...
 
 class StyleImage(_message.Message):
     __slots__ = ("image", "weight")
@@ -137,7 +168,7 @@ class LayerWeight(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class StyleOptions(_message.Message):
-    __slots__ = ("size", "min_size", "scale_factor", "iterations", "initial_iterations", "content_weight", "style_weight", "tv_weight", "content_layers", "style_layers", "style_loss", "optimizer", "learning_rate", "ema_decay", "lbfgs_history", "init", "seed", "style_scale", "color", "pooling", "padding", "precision")
+    __slots__ = ("size", "min_size", "scale_factor", "iterations", "initial_iterations", "content_weight", "style_weight", "tv_weight", "content_layers", "style_layers", "style_loss", "loss_normalization", "optimizer", "learning_rate", "ema_decay", "lbfgs_history", "init", "seed", "style_scale", "color", "style_resize", "backbone", "pooling", "padding", "precision")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
     SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +180,7 @@ class StyleOptions(_message.Message):
     CONTENT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     STYLE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     STYLE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     EMA_DECAY_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +189,8 @@ class StyleOptions(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STYLE_SCALE_FIELD_NUMBER: _ClassVar[int]
     COLOR_FIELD_NUMBER: _ClassVar[int]
+    STYLE_RESIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +205,7 @@ class StyleOptions(_message.Message):
     content_layers: _containers.RepeatedCompositeFieldContainer[LayerWeight]
     style_layers: _containers.RepeatedCompositeFieldContainer[LayerWeight]
     style_loss: StyleLoss
+    loss_normalization: LossNormalization
     optimizer: Optimizer
     learning_rate: float
     ema_decay: float
@@ -179,10 +214,12 @@ class StyleOptions(_message.Message):
     seed: int
     style_scale: float
     color: ColorMode
+    style_resize: StyleResize
+    backbone: Backbone
     pooling: Pooling
     padding: Padding
     precision: Precision
-    def __init__(self, size: _Optional[int] = ..., min_size: _Optional[int] = ..., scale_factor: _Optional[float] = ..., iterations: _Optional[int] = ..., initial_iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_loss: _Optional[_Union[StyleLoss, str]] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., ema_decay: _Optional[float] = ..., lbfgs_history: _Optional[int] = ..., init: _Optional[_Union[Init, str]] = ..., seed: _Optional[int] = ..., style_scale: _Optional[float] = ..., color: _Optional[_Union[ColorMode, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., padding: _Optional[_Union[Padding, str]] = ..., precision: _Optional[_Union[Precision, str]] = ...) -> None: ...
+    def __init__(self, size: _Optional[int] = ..., min_size: _Optional[int] = ..., scale_factor: _Optional[float] = ..., iterations: _Optional[int] = ..., initial_iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_loss: _Optional[_Union[StyleLoss, str]] = ..., loss_normalization: _Optional[_Union[LossNormalization, str]] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., ema_decay: _Optional[float] = ..., lbfgs_history: _Optional[int] = ..., init: _Optional[_Union[Init, str]] = ..., seed: _Optional[int] = ..., style_scale: _Optional[float] = ..., color: _Optional[_Union[ColorMode, str]] = ..., style_resize: _Optional[_Union[StyleResize, str]] = ..., backbone: _Optional[_Union[Backbone, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., padding: _Optional[_Union[Padding, str]] = ..., precision: _Optional[_Union[Precision, str]] = ...) -> None: ...
 
 class PreviewOptions(_message.Message):
     __slots__ = ("every", "max_size", "format", "quality")
@@ -331,7 +368,7 @@ class EncodedImage(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "providers", "device", "parity", "limits", "queue", "default_options", "available_layers")
+    __slots__ = ("version", "model", "providers", "device", "parity", "limits", "queue", "default_options", "available_layers", "models")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
@@ -341,6 +378,7 @@ class ServerInfo(_message.Message):
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: ModelInfo
     providers: _containers.RepeatedScalarFieldContainer[str]
@@ -350,10 +388,11 @@ class ServerInfo(_message.Message):
     queue: QueueState
     default_options: StyleOptions
     available_layers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., queue: _Optional[_Union[QueueState, _Mapping]] = ..., default_options: _Optional[_Union[StyleOptions, _Mapping]] = ..., available_layers: _Optional[_Iterable[str]] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., queue: _Optional[_Union[QueueState, _Mapping]] = ..., default_options: _Optional[_Union[StyleOptions, _Mapping]] = ..., available_layers: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("arch", "weights", "weights_sha256", "onnx_sha256", "layers", "pooling", "opset", "manifest_json")
+    __slots__ = ("arch", "weights", "weights_sha256", "onnx_sha256", "layers", "pooling", "opset", "manifest_json", "parity", "available_layers")
     ARCH_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +401,8 @@ class ModelInfo(_message.Message):
     POOLING_FIELD_NUMBER: _ClassVar[int]
     OPSET_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    PARITY_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     arch: str
     weights: str
     weights_sha256: str
@@ -370,7 +411,9 @@ class ModelInfo(_message.Message):
     pooling: str
     opset: int
     manifest_json: str
-    def __init__(self, arch: _Optional[str] = ..., weights: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., onnx_sha256: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., pooling: _Optional[str] = ..., opset: _Optional[int] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    parity: ParityReport
+    available_layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, arch: _Optional[str] = ..., weights: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., onnx_sha256: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., pooling: _Optional[str] = ..., opset: _Optional[int] = ..., manifest_json: _Optional[str] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., available_layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ParityReport(_message.Message):
     __slots__ = ("passed", "tolerance", "targets_backend", "layers")

@@ -1,0 +1,261 @@
+"""Presets: named recipes, each a complete StyleOptions, that the caller's explicit options override.
+
+Pure Python (no torch): the service applies them to requests (StylizeRequest.preset) and the client
+checks names and shows them without the server's dependencies.
+
+Three reproduce the programs this product grew out of, as far as our engine's arithmetic allows
+(the README's table says where each comes from and what differs); two are ours, decided by
+measurement (bench/presets.py):
+
+- gatys2016: Gatys, Ecker, Bethge, "Image Style Transfer Using Convolutional Neural Networks",
+  CVPR 2016.
+- johnson-vgg16: the losses of Johnson, Alahi, Fei-Fei, "Perceptual Losses for Real-Time Style
+  Transfer and Super-Resolution", ECCV 2016 (VGG16, content relu2_2, style relu1_2 relu2_2 relu3_3
+  relu4_3 and relu5_3, total variation), optimized per image as in its optimization baseline.
+- keras-vgg19-adam: TensorFlow's "Neural style transfer" tutorial (Keras VGG19, Adam).
+- fast-preview: the least time to a usable picture; the `stylize` CLI's default (interactive
+  callers); library callers get the engine's defaults unless they name a preset.
+- quality: our best result regardless of time.
+
+Each preset names every field itself (`_complete` refuses one that does not), so a change of the
+engine's defaults never changes what a preset means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from stylize.server.engine.options import (
+    DEFAULTS,
+    Backbone,
+    ColorMode,
+    FieldViolation,
+    Init,
+    LossNormalization,
+    Optimizer,
+    OptionsError,
+    Padding,
+    Pooling,
+    Precision,
+    StyleLoss,
+    StyleOptions,
+    StyleResize,
+    option_names,
+)
+
+# The preset the `stylize` CLI applies unless told otherwise (`--preset none`: the server's defaults).
+INTERACTIVE_PRESET = "fast-preview"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    options: StyleOptions
+    # Where the recipe comes from, for the docs and `stylize --help`.
+    source: str
+
+
+def _complete(**values: object) -> StyleOptions:
+    missing = [name for name in option_names() if name not in values]
+    if missing:
+        raise TypeError(f"a preset must set every option; missing {', '.join(missing)}")
+    return StyleOptions(**values)  # type: ignore[arg-type]
+
+
+def _layers(*names: str) -> tuple[tuple[str, float], ...]:
+    """Equally weighted layers (the weights inside a loss term are normalized to sum 1)."""
+    return tuple((name, 1.0) for name in names)
+
+
+_GATYS_STYLE = _layers("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+GATYS2016 = Preset(
+    "gatys2016",
+    _complete(
+        # One scale at 512 px (the paper's images), L-BFGS from white noise. 1000 iterations and a history of
+        # 100 are neural-style's defaults (Torch's optim.lbfgs), the reference implementation of the paper.
+        size=512,
+        min_size=512,
+        scale_factor=math.sqrt(2.0),
+        iterations=500,
+        initial_iterations=1000,
+        # alpha/beta = 1e-3, the ratio of the paper's Fig. 2 and 3; no total variation term.
+        content_weight=1.0,
+        style_weight=1e3,
+        tv_weight=0.0,
+        content_layers=_layers("relu4_2"),
+        style_layers=_GATYS_STYLE,
+        style_loss=StyleLoss.GRAM,
+        loss_normalization=LossNormalization.GATYS,
+        optimizer=Optimizer.LBFGS,
+        learning_rate=0.02,
+        ema_decay=0.0,
+        lbfgs_history=100,
+        init=Init.NOISE,
+        seed=0,
+        style_scale=1.0,
+        style_resize=StyleResize.MATCH_OUTPUT,
+        color=ColorMode.NONE,
+        backbone=Backbone.VGG19,
+        pooling=Pooling.AVERAGE,
+        padding=Padding.ZEROS,
+        precision=Precision.FP32,
+    ),
+    "Gatys et al., CVPR 2016",
+)
+
+JOHNSON_VGG16 = Preset(
+    "johnson-vgg16",
+    _complete(
+        size=512,
+        min_size=512,
+        scale_factor=math.sqrt(2.0),
+        iterations=250,
+        initial_iterations=500,
+        # Johnson et al.'s weights belong to a feed-forward network trained on Caffe's VGG16; these are
+        # our relative normalization's measured defaults, which hold for either weight kind.
+        content_weight=1.0,
+        style_weight=100.0,
+        tv_weight=10.0,
+        content_layers=_layers("relu2_2"),  # block2_conv2
+        # block1_conv2, block2_conv2, block3_conv3, block4_conv3, block5_conv3
+        style_layers=_layers("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"),
+        style_loss=StyleLoss.GRAM,
+        loss_normalization=LossNormalization.RELATIVE,
+        optimizer=Optimizer.LBFGS,
+        learning_rate=0.02,
+        ema_decay=0.0,
+        lbfgs_history=50,
+        init=Init.CONTENT,
+        seed=0,
+        style_scale=1.0,
+        style_resize=StyleResize.KEEP_ASPECT,
+        color=ColorMode.NONE,
+        backbone=Backbone.VGG16,
+        pooling=Pooling.MAX,
+        padding=Padding.ZEROS,
+        precision=Precision.FP32,
+    ),
+    "Johnson et al., ECCV 2016 (losses), optimized per image",
+)
+
+KERAS_VGG19_ADAM = Preset(
+    "keras-vgg19-adam",
+    _complete(
+        # Images loaded with max_dim 512, one scale; 10 epochs of 100 Adam steps at 0.02, reporting the
+        # last iterate (no average). The tutorial's Adam has beta_1 0.99 and epsilon 0.1; ours (0.9, 0.99).
+        size=512,
+        min_size=512,
+        scale_factor=math.sqrt(2.0),
+        iterations=100,
+        initial_iterations=1000,
+        content_weight=1e4,
+        style_weight=1e-2,
+        tv_weight=0.0,
+        content_layers=_layers("relu5_2"),  # block5_conv2
+        style_layers=_GATYS_STYLE,  # block1_conv1 .. block5_conv1
+        style_loss=StyleLoss.GRAM,
+        loss_normalization=LossNormalization.POSITIONS,
+        optimizer=Optimizer.ADAM,
+        learning_rate=0.02,
+        ema_decay=0.0,
+        lbfgs_history=50,
+        init=Init.CONTENT,
+        seed=0,
+        style_scale=1.0,
+        style_resize=StyleResize.KEEP_ASPECT,
+        color=ColorMode.NONE,
+        backbone=Backbone.VGG19,
+        pooling=Pooling.MAX,
+        padding=Padding.ZEROS,
+        precision=Precision.FP32,
+    ),
+    'TensorFlow tutorial "Neural style transfer" (Keras VGG19, Adam)',
+)
+
+FAST_PREVIEW = Preset(
+    "fast-preview",
+    _complete(
+        size=512,
+        min_size=128,
+        scale_factor=2.0,
+        iterations=20,
+        initial_iterations=40,
+        content_weight=1.0,
+        style_weight=100.0,
+        tv_weight=10.0,
+        content_layers=_layers("relu4_2"),
+        style_layers=_GATYS_STYLE,
+        style_loss=StyleLoss.GRAM,
+        loss_normalization=LossNormalization.RELATIVE,
+        optimizer=Optimizer.LBFGS,
+        learning_rate=0.02,
+        ema_decay=0.9,
+        lbfgs_history=50,
+        init=Init.CONTENT,
+        seed=0,
+        style_scale=1.0,
+        style_resize=StyleResize.KEEP_ASPECT,
+        color=ColorMode.NONE,
+        backbone=Backbone.VGG19,
+        pooling=Pooling.MAX,
+        padding=Padding.ZEROS,
+        precision=Precision.BF16,
+    ),
+    "ours: measured with bench/presets.py",
+)
+
+QUALITY = Preset(
+    "quality",
+    _complete(
+        size=1024,
+        min_size=128,
+        scale_factor=math.sqrt(2.0),
+        iterations=200,
+        initial_iterations=400,
+        content_weight=1.0,
+        style_weight=100.0,
+        tv_weight=10.0,
+        content_layers=_layers("relu4_2"),
+        style_layers=_GATYS_STYLE,
+        style_loss=StyleLoss.GRAM,
+        loss_normalization=LossNormalization.RELATIVE,
+        optimizer=Optimizer.LBFGS,
+        learning_rate=0.02,
+        ema_decay=0.9,
+        lbfgs_history=50,
+        init=Init.CONTENT,
+        seed=0,
+        style_scale=1.0,
+        style_resize=StyleResize.KEEP_ASPECT,
+        color=ColorMode.NONE,
+        backbone=Backbone.VGG19,
+        pooling=Pooling.MAX,
+        padding=Padding.REPLICATE,
+        precision=Precision.FP32,
+    ),
+    "ours: measured with bench/presets.py",
+)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p for p in (GATYS2016, JOHNSON_VGG16, KERAS_VGG19_ADAM, FAST_PREVIEW, QUALITY)
+}
+
+
+def unknown_preset(name: str, field: str = "preset") -> FieldViolation:
+    return FieldViolation(field, f"unknown preset {name!r}; valid: {' '.join(PRESETS)}")
+
+
+def preset_options(name: str) -> StyleOptions:
+    """The options of a preset; OptionsError naming the field "preset" and the valid names."""
+    if name not in PRESETS:
+        raise OptionsError([unknown_preset(name)])
+    return PRESETS[name].options
+
+
+def apply_preset(name: str | None, overrides: Mapping[str, object]) -> StyleOptions:
+    """`overrides` (the options a caller set explicitly) on top of preset `name`, or on the engine's
+    defaults for no preset (None or "")."""
+    return replace(preset_options(name) if name else DEFAULTS, **overrides)
