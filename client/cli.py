@@ -7,8 +7,11 @@
     stylize --info                                                                the server's info
 
 The engine's options are flags generated from stylize.client.options (so from the engine's own
-defaults, shown in --help); unset flags are not sent and the server applies its defaults. `--json`
-prints one JSON object per event on stdout for scripts instead of the progress bar.
+defaults, shown in --help); unset flags are not sent. `--preset NAME` names the recipe that fills
+every option not given as a flag; it is fast-preview unless said otherwise (an interactive caller
+wants a picture soon), and `--preset none` leaves the unset options to the server's defaults, the
+ones --help shows. `--json` prints one JSON object per event on stdout for scripts instead of the
+progress bar.
 
 Exit codes: 0 success; 2 bad usage or input (a missing file, a bad option, an unknown job id);
 3 server unavailable or overloaded; 4 the job failed, was cancelled or ran out of time; 130
@@ -41,6 +44,7 @@ from stylize.client.errors import (
 )
 from stylize.client.events import Completed, EncodedImage, Event, Progress, Queued, Started
 from stylize.client.options import PREVIEW_OPTIONS, STYLE_OPTIONS, OptionSpec
+from stylize.server.engine.presets import INTERACTIVE_PRESET, PRESETS
 
 EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_JOB, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 EXIT_CODES: dict[type[StylizeError], int] = {
@@ -55,6 +59,8 @@ EXIT_CODES: dict[type[StylizeError], int] = {
 # How often previews are asked for when --previews is given without --preview-every.
 PREVIEW_EVERY_WITH_DIR = 10
 OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+# `--preset none`: no preset, the server's defaults.
+NO_PRESET = "none"
 
 
 class UsageError(Exception):
@@ -109,7 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", default="", help="client tag echoed in events and server logs")
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a progress bar")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_option_flags(parser.add_argument_group("engine options"), STYLE_OPTIONS, "")
+    parser.add_argument(
+        "--preset", default=INTERACTIVE_PRESET, metavar="NAME",
+        help=f"recipe filling every option not given below: {', '.join(PRESETS)}, or {NO_PRESET} for the "
+        f"server's defaults (default: %(default)s)",
+    )  # fmt: skip
+    engine_options = parser.add_argument_group(
+        "engine options", f"Unset options take the --preset's values; the defaults shown are the server's, "
+        f"which apply with --preset {NO_PRESET}.",
+    )  # fmt: skip
+    _add_option_flags(engine_options, STYLE_OPTIONS, "")
     _add_option_flags(parser.add_argument_group("preview options"), PREVIEW_OPTIONS, "preview_")
     return parser
 
@@ -227,6 +242,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.output is not None:
         settings["output_format"] = OUTPUT_SUFFIXES.get(args.output.suffix.lower())
     settings["client_tag"] = args.tag
+    settings["preset"] = None if args.preset == NO_PRESET else args.preset
     return {name: value for name, value in settings.items() if value is not None}
 
 

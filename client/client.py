@@ -158,9 +158,10 @@ class StylizeClient(_ClientBase):
 
         `content`, and each style: a path, encoded bytes or a PIL image; a style may be an
         (image, weight) pair. `settings`: engine options by name (size=512, style_weight=1e4,
-        style_layers=["relu1_1", "relu2_1:0.5"], optimizer="adam", ...), preview_every,
+        style_layers=["relu1_1", "relu2_1:0.5"], optimizer="adam", ...), preset, preview_every,
         preview_max_size, preview_format, preview_quality, output_format, client_tag. Unset
-        options take the server's defaults. Bad input raises InvalidArgument before anything is sent.
+        options take the preset's values (preset="fast-preview", ...), or without one the server's
+        defaults. Bad input raises InvalidArgument before anything is sent.
         """
         request = build_request(content, styles, **settings)
         return EventStream(self._stub.Stylize(request, **self._job_args(timeout)))

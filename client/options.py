@@ -7,8 +7,10 @@ library, the CLI's flags and their --help read the same values the server uses.
 Only the options a caller sets are sent; every other field stays unset and the server applies its
 default. Validation here covers what can be decided without the server and would otherwise cost a
 round trip: unknown names, wrong types, values the proto cannot carry (a negative number for an
-unsigned field), unknown enum choices and unknown layer names. Limits (size, iterations, ...) are
-the server's to judge, because its operator can change them.
+unsigned field), unknown enum choices, unknown presets and unknown layer names (a name of any backbone,
+or its Keras alias: which backbone a layer needs is the server's to judge, since a preset the server
+applies may choose it). Limits (size, iterations, ...) are the server's to judge, because its operator
+can change them.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 
 from stylize.client.errors import InvalidArgument
 from stylize.server.engine.options import (
+    ALIASES,
     DEFAULT_PREVIEW,
     DEFAULTS,
-    VGG19_LAYERS,
+    LAYERS,
     FieldViolation,
+    layer_names,
 )
+from stylize.server.engine.presets import PRESETS, unknown_preset
 from stylize.v1 import stylize_pb2
 
 Layers = tuple[tuple[str, float], ...]
@@ -46,6 +51,9 @@ HELP: dict[str, str] = {
     "content_layers": "content layers, each LAYER or LAYER:WEIGHT",
     "style_layers": "style layers, each LAYER or LAYER:WEIGHT",
     "style_loss": "how style statistics are matched",
+    "loss_normalization": "how the content and style losses are scaled (what the weights mean)",
+    "style_resize": "how a style image is sized: its own aspect, or the output's width and height",
+    "backbone": "the network (the server must serve it)",
     "optimizer": "optimizer",
     "learning_rate": "Adam step size, in pixel units of a [0, 1] image",
     "ema_decay": "Adam only: decay of the moving average of the iterates that becomes the output (0: off)",
@@ -64,6 +72,10 @@ HELP: dict[str, str] = {
 }
 
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+# Every layer name a server may accept: each backbone's, and their Keras aliases.
+KNOWN_LAYERS: frozenset[str] = frozenset(
+    name for backbone in LAYERS for name in (*LAYERS[backbone], *ALIASES[backbone])
+)
 
 
 @dataclass(frozen=True)
@@ -150,12 +162,10 @@ def parse_layers(value: object, field: str) -> tuple[Layers, list[FieldViolation
         except (TypeError, ValueError):
             violations.append(FieldViolation(f"{field}[{index}].weight", f"is not a number: {weight!r}"))
             continue
-        if not isinstance(name, str) or name not in VGG19_LAYERS:
+        if not isinstance(name, str) or name not in KNOWN_LAYERS:
+            valid = "; ".join(f"{backbone}: {layer_names(backbone)}" for backbone in LAYERS)
             violations.append(
-                FieldViolation(
-                    f"{field}[{index}].layer",
-                    f"unknown layer {name!r}; VGG19 layers are {', '.join(VGG19_LAYERS)}",
-                )
+                FieldViolation(f"{field}[{index}].layer", f"unknown layer {name!r}; valid {valid}")
             )
         elif not math.isfinite(weight):
             violations.append(FieldViolation(f"{field}[{index}].weight", f"must be finite, got {weight}"))
@@ -263,6 +273,15 @@ def style_options_from_proto(message: stylize_pb2.StyleOptions) -> dict[str, obj
 
 def preview_options_from_proto(message: stylize_pb2.PreviewOptions) -> dict[str, object]:
     return _from_proto(message, PREVIEW_OPTIONS)
+
+
+def check_preset(name: object) -> str:
+    """The preset name as the request carries it ("" for none); InvalidArgument naming "preset"."""
+    if name is None or name == "":
+        return ""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise InvalidArgument.of([unknown_preset(str(name))])
+    return name
 
 
 def image_format_to_proto(name: str, field: str) -> int:

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stylize.client.errors import InvalidArgument
 from stylize.client.options import (
+    check_preset,
     image_format_to_proto,
     preview_options_to_proto,
     style_options_to_proto,
@@ -91,6 +92,7 @@ def build_request(
     content: ImageSource,
     styles: Sequence[StyleSource] | ImageSource,
     *,
+    preset: str | None = None,
     output_format: str | None = None,
     client_tag: str = "",
     **settings: object,
@@ -98,9 +100,11 @@ def build_request(
     """The request for one job.
 
     `styles` is one image or a list of images or (image, weight) pairs. `settings` are the engine
-    options by name (size=256, style_weight=1e4, style_layers=["relu1_1", "relu2_1:0.5"], ...) and
-    preview_every / preview_max_size / preview_format / preview_quality. Unset options take the
-    server's defaults. Raises InvalidArgument naming every bad field.
+    options by name (size=256, style_weight=1e4, style_layers=["relu1_1", "block2_conv1:0.5"], ...)
+    and preview_every / preview_max_size / preview_format / preview_quality. `preset` names a recipe
+    (stylize.server.engine.presets: gatys2016, fast-preview, ...) that fills every option the call
+    does not set; without one, unset options take the server's defaults. Raises InvalidArgument
+    naming every bad field.
     """
     if isinstance(styles, str | os.PathLike | bytes | bytearray | memoryview | Image.Image):
         styles = [styles]
@@ -123,6 +127,10 @@ def build_request(
             style.weight = weight
         elif weight is not None:
             violations.append(FieldViolation(f"styles[{index}].weight", f"must be a number, got {weight!r}"))
+    try:
+        request.preset = check_preset(preset)
+    except InvalidArgument as error:
+        violations += error.violations
     if len(client_tag) > MAX_CLIENT_TAG:
         problem = f"is {len(client_tag)} characters; at most {MAX_CLIENT_TAG}"
         violations.append(FieldViolation("client_tag", problem))

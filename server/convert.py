@@ -1,7 +1,8 @@
 """Between the wire (stylize.v1 protos) and the engine's records.
 
-Presence matters: an unset `optional` field or an UNSPECIFIED enum means "the engine's default", which
-comes from stylize.server.engine.options (never restated here). Field paths in errors are the proto's
+Presence matters: an unset `optional` field, an UNSPECIFIED enum or an empty list means "the default":
+the request's preset's value (stylize.server.engine.presets), or without a preset the engine's default
+(stylize.server.engine.options); neither is restated here. Field paths in errors are the proto's
 ("options.size", "options.style_layers[1].layer", "styles[0].weight", "preview.every").
 """
 
@@ -21,10 +22,12 @@ from stylize.server.engine import options as engine_options
 from stylize.server.engine.options import (
     DEFAULT_PREVIEW,
     DEFAULTS,
+    Backbone,
     ColorMode,
     FieldViolation,
     Init,
     Limits,
+    LossNormalization,
     Optimizer,
     OptionsError,
     Padding,
@@ -33,7 +36,10 @@ from stylize.server.engine.options import (
     PreviewOptions,
     StyleLoss,
     StyleOptions,
+    StyleResize,
+    with_canonical_layers,
 )
+from stylize.server.engine.presets import PRESETS, apply_preset, unknown_preset
 from stylize.server.engine.records import Losses, Progress
 from stylize.v1 import stylize_pb2 as pb
 
@@ -50,6 +56,9 @@ OUTPUT_DEFAULT_ENCODING = "png"
 # StyleOptions fields that are proto enums, with the engine's StrEnum and the proto enum's value prefix.
 _ENUM_FIELDS: dict[str, tuple[type[StrEnum], str]] = {
     "style_loss": (StyleLoss, "STYLE_LOSS_"),
+    "loss_normalization": (LossNormalization, "LOSS_NORMALIZATION_"),
+    "style_resize": (StyleResize, "STYLE_RESIZE_"),
+    "backbone": (Backbone, "BACKBONE_"),
     "optimizer": (Optimizer, "OPTIMIZER_"),
     "init": (Init, "INIT_"),
     "color": (ColorMode, "COLOR_MODE_"),
@@ -115,9 +124,10 @@ def _absurd_weights(weights: Sequence[tuple[str, float]]) -> list[FieldViolation
     ]
 
 
-def options_from_proto(message: pb.StyleOptions, path: str = "options") -> StyleOptions:
-    """StyleOptions with unset fields at the engine's defaults; raises OptionsError for unknown enum values
-    only (the engine's validate() checks the rest)."""
+def options_from_proto(message: pb.StyleOptions, path: str = "options", preset: str = "") -> StyleOptions:
+    """StyleOptions with the fields set in `message` over `preset` (a name; "" for none: the engine's
+    defaults); raises OptionsError for unknown enum values and an unknown preset only (the engine's
+    validate() checks the rest)."""
     values: dict[str, object] = {}
     violations: list[FieldViolation] = []
     for field in fields(StyleOptions):
@@ -139,9 +149,11 @@ def options_from_proto(message: pb.StyleOptions, path: str = "options") -> Style
             value = getattr(message, name)
             is_float = message.DESCRIPTOR.fields_by_name[name].type == FieldDescriptor.TYPE_FLOAT
             values[name] = from_float32(value) if is_float else value
+    if preset and preset not in PRESETS:
+        violations.append(unknown_preset(preset))
     if violations:
         raise OptionsError(violations)
-    return replace(DEFAULTS, **values)
+    return apply_preset(preset, values)
 
 
 def options_to_proto(options: StyleOptions) -> pb.StyleOptions:
@@ -225,7 +237,7 @@ def request_from_proto(request: pb.StylizeRequest, limits: Limits) -> JobRequest
 
     options = DEFAULTS
     try:
-        options = options_from_proto(request.options)
+        options = options_from_proto(request.options, preset=request.preset)
     except OptionsError as error:
         violations += error.violations
     else:
@@ -275,7 +287,7 @@ def request_from_proto(request: pb.StylizeRequest, limits: Limits) -> JobRequest
         styles=tuple(
             (image, weight / total) for image, weight in zip(style_images, style_weights, strict=True)
         ),
-        options=options,
+        options=with_canonical_layers(options),
         preview=preview,
         output_encoding=output_encoding,
         client_tag=request.client_tag,

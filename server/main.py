@@ -72,15 +72,14 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 def _record_runtime(metrics: ServiceMetrics, runtime: Runtime) -> None:
-    for row in runtime.parity.rows:
-        metrics.parity_error.labels(row.layer, row.quantity, runtime.parity.candidate).set(row.relative_error)
-    metrics.parity_passed.set(1 if runtime.parity.passed else 0)
-    metrics.model_info.labels(
-        runtime.manifest.arch,
-        runtime.manifest.weights,
-        ",".join(runtime.providers),
-        ",".join(dict.fromkeys(str(device) for device in runtime.devices)),
-    ).set(1)
+    devices = ",".join(dict.fromkeys(str(device) for device in runtime.devices))
+    for arch, model in runtime.models.items():
+        for row in model.parity.rows:
+            metrics.parity_error.labels(row.layer, row.quantity, model.parity.candidate, arch).set(
+                row.relative_error
+            )
+        metrics.model_info.labels(arch, model.manifest.weights, ",".join(model.providers), devices).set(1)
+    metrics.parity_passed.set(1 if all(model.parity.passed for model in runtime.models.values()) else 0)
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
@@ -152,12 +151,14 @@ async def serve(config: ServerConfig) -> int:
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
             metrics.serving.set(1)
             log.info(
-                "SERVING after %.2f s: device %s, ONNX Runtime %s, targets from %s, %s weights",
+                "SERVING after %.2f s: device %s; %s",
                 ready_seconds,
                 ", ".join(dict.fromkeys(map(str, runtime.devices))),
-                ", ".join(runtime.providers),
-                runtime.parity.targets_backend,
-                runtime.manifest.weights,
+                "; ".join(
+                    f"{arch}: ONNX Runtime {', '.join(model.providers)}, targets from "
+                    f"{model.parity.targets_backend}, {model.manifest.weights} weights"
+                    for arch, model in runtime.models.items()
+                ),
             )
         else:
             log.error("NOT_SERVING after %.2f s: the parity probe failed (table above)", ready_seconds)

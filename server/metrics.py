@@ -75,12 +75,14 @@ class ServiceMetrics:
         )
         self.parity_error = Gauge(
             "stylize_parity_relative_error",
-            "Start-up probe: max|candidate - torch| / max|torch| per tapped layer and quantity.",
-            ["layer", "quantity", "backend"],
+            "Start-up probe: max|candidate - torch| / max|torch| per model, tapped layer and quantity.",
+            ["layer", "quantity", "backend", "arch"],
             registry=registry,
         )
         self.parity_passed = Gauge(
-            "stylize_parity_passed", "1 when the start-up parity probe passed.", registry=registry
+            "stylize_parity_passed",
+            "1 when the start-up parity probe of every model passed.",
+            registry=registry,
         )
         self.serving = Gauge("stylize_serving", "1 while health reports SERVING.", registry=registry)
         self.build_info = Gauge(
@@ -88,7 +90,7 @@ class ServiceMetrics:
         )
         self.model_info = Gauge(
             "stylize_model_info",
-            "Always 1; the model's weights kind, ONNX Runtime providers and torch device.",
+            "Always 1, a series per model served: arch, weights kind, ONNX Runtime providers, torch device.",
             ["arch", "weights", "providers", "device"],
             registry=registry,
         )

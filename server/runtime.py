@@ -1,5 +1,5 @@
-"""Start-up of the compute side: the artifact, the torch extractors, the ONNX Runtime session, the parity
-probe, and running jobs on the workers (the jobs.Executor the JobManager drives).
+"""Start-up of the compute side: the artifacts (one per backbone), the torch extractors, the ONNX Runtime
+sessions, the parity probes, and running jobs on the workers (the jobs.Executor the JobManager drives).
 
 Targets (style Grams, content features) come from ONNX Runtime when the job's network matches the
 artifact's graph: same pooling and padding, and every requested layer among the graph's outputs. Any other
@@ -29,11 +29,11 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from stylize.export.artifact import Artifact, ArtifactError, load_artifact
+from stylize.export.artifact import Artifact, ArtifactError, Manifest, load_artifacts
 from stylize.export.parity import ParityRow, compare, format_table
 from stylize.export.vgg import VGGFeatures
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
-from stylize.server.engine.options import StyleOptions
+from stylize.server.engine.options import DEFAULTS, Backbone, FieldViolation, OptionsError, StyleOptions
 from stylize.server.engine.records import Progress, Result
 from stylize.server.engine.run import TargetFn, stylize
 
@@ -222,62 +222,110 @@ class OrtTargets:
         }
 
 
+@dataclass(frozen=True)
+class Model:
+    """One artifact being served: its torch extractors (one per worker), ONNX Runtime session and parity."""
+
+    artifact: Artifact
+    onnx_sha256: str
+    extractors: tuple[VGGFeatures, ...]
+    session: ort.InferenceSession
+    parity: ParityReport
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.artifact.manifest
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+
 class Runtime:
-    """Everything the workers compute with; implements jobs.Executor."""
+    """Everything the workers compute with; implements jobs.Executor.
+
+    Serves every artifact of the model directory (a VGG19 and a VGG16 one side by side): a job's
+    `backbone` option picks the model. Each model has its own session and parity probe; the server is
+    ready only when every model is.
+    """
 
     def __init__(self, config: ServerConfig):
         self.config = config
         try:
-            self.artifact: Artifact = load_artifact(config.model_dir)
+            artifacts = load_artifacts(config.model_dir)
         except ArtifactError as error:
             raise StartupError(str(error)) from None
-        self.manifest = self.artifact.manifest
-        self.onnx_sha256 = file_sha256(self.artifact.onnx_path)
         self.devices = resolve_devices(config.device, config.workers)
+        chain = provider_chain(config, self.devices[0])
+        self.models: dict[Backbone, Model] = {
+            arch: self._load(artifact, chain) for arch, artifact in artifacts.items()
+        }
+        # The model of the default backbone when it is served, else the only one: what ServerInfo.model shows.
+        self.default = self.models.get(DEFAULTS.backbone) or next(iter(self.models.values()))
+
+    def _load(self, artifact: Artifact, chain: list[tuple[str, dict[str, str]]]) -> Model:
         # One extractor per distinct device; workers on the same device share it (forward is re-entrant).
         extractors: dict[torch.device, VGGFeatures] = {}
         for device in self.devices:
             if device not in extractors:
-                extractors[device] = self.artifact.build_extractor().to(device).eval()
-        self._extractors = [extractors[device] for device in self.devices]
-        chain = provider_chain(config, self.devices[0])
-        self.session = open_session(self.artifact.onnx_path, chain, explicit=config.providers != ("auto",))
-        self.providers: list[str] = self.session.get_providers()
-        self.parity = self._check_parity()
+                extractors[device] = artifact.build_extractor().to(device).eval()
+        session = open_session(artifact.onnx_path, chain, explicit=self.config.providers != ("auto",))
+        worker_extractors = tuple(extractors[device] for device in self.devices)
+        parity = self._check_parity(artifact.manifest.arch, session, worker_extractors[0])
+        return Model(artifact, file_sha256(artifact.onnx_path), worker_extractors, session, parity)
 
-    def _check_parity(self) -> ParityReport:
+    def _check_parity(self, arch: str, session: ort.InferenceSession, extractor: VGGFeatures) -> ParityReport:
         tolerance = self.config.parity_tolerance
-        passed, candidate, rows = run_parity_probe(
-            self.session, self._extractors[0], self.devices[0], tolerance
-        )
+        passed, candidate, rows = run_parity_probe(session, extractor, self.devices[0], tolerance)
         table = format_table(rows, tolerance)
         if passed:
-            log.info("parity probe passed (%s vs torch):\n%s", candidate, table)
+            log.info("%s parity probe passed (%s vs torch):\n%s", arch, candidate, table)
             backend = "onnxruntime"
         elif self.config.on_parity_failure == "torch":
-            log.error("parity probe FAILED (%s vs torch); serving with torch targets:\n%s", candidate, table)
+            log.error(
+                "%s parity probe FAILED (%s vs torch); serving with torch targets:\n%s",
+                arch,
+                candidate,
+                table,
+            )
             backend = TORCH_BACKEND
         else:
-            log.error("parity probe FAILED (%s vs torch); NOT_SERVING:\n%s", candidate, table)
+            log.error("%s parity probe FAILED (%s vs torch); NOT_SERVING:\n%s", arch, candidate, table)
             backend = TORCH_BACKEND
         return ParityReport(passed, tolerance, candidate, backend, tuple(rows))
 
     @property
     def ready(self) -> bool:
-        """Whether jobs may run: the probe passed, or the operator chose the torch fallback."""
-        return self.parity.passed or self.config.on_parity_failure == "torch"
+        """Whether jobs may run: every model's probe passed, or the operator chose the torch fallback."""
+        return (
+            all(model.parity.passed for model in self.models.values())
+            or self.config.on_parity_failure == "torch"
+        )
 
-    def _targets(self, options: StyleOptions, worker: int) -> tuple[TargetFn | None, str]:
+    def check_backbone(self, options: StyleOptions) -> None:
+        """OptionsError naming options.backbone when this server does not serve the job's backbone."""
+        if options.backbone not in self.models:
+            served = " ".join(self.models)
+            raise OptionsError(
+                [
+                    FieldViolation(
+                        "options.backbone", f"{options.backbone} is not served here; available: {served}"
+                    )
+                ]
+            )
+
+    def _targets(self, model: Model, options: StyleOptions, worker: int) -> tuple[TargetFn | None, str]:
         layers = list(dict.fromkeys(name for name, _ in (*options.content_layers, *options.style_layers)))
+        manifest = model.manifest
         use_ort = (
-            self.parity.targets_backend == "onnxruntime"
-            and options.pooling == self.manifest.pooling
-            and options.padding == self.manifest.padding
-            and set(layers) <= set(self.manifest.output_names)
+            model.parity.targets_backend == "onnxruntime"
+            and options.pooling == manifest.pooling
+            and options.padding == manifest.padding
+            and set(layers) <= set(manifest.output_names)
         )
         if not use_ort:
             return None, TORCH_BACKEND
-        return OrtTargets(self.session, layers, self.devices[worker]), f"onnxruntime:{self.providers[0]}"
+        return OrtTargets(model.session, layers, self.devices[worker]), f"onnxruntime:{model.providers[0]}"
 
     # ------------------------------------------------------------ jobs.Executor
 
@@ -287,12 +335,14 @@ class Runtime:
     def run(
         self, request: JobRequest, cancel: threading.Event, worker: int
     ) -> tuple[str, Iterator[Progress | Result]]:
-        targets, backend = self._targets(request.options, worker)
+        self.check_backbone(request.options)
+        model = self.models[Backbone(request.options.backbone)]
+        targets, backend = self._targets(model, request.options, worker)
         records = stylize(
             pil_to_tensor(request.content),
             [(pil_to_tensor(image), weight) for image, weight in request.styles],
             request.options,
-            self._extractors[worker],
+            model.extractors[worker],
             device=self.devices[worker],
             targets=targets,
             preview_every=request.preview.every,

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from stylize.server.engine.options import DEFAULTS, VGG19_LAYERS, FieldViolation, OptionsError
+from stylize.server.engine.options import DEFAULTS, LAYERS, Backbone, FieldViolation, OptionsError
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
 
@@ -33,7 +33,7 @@ from .config import ServerConfig
 from .errors import JobStatus, abort
 from .jobs import Job, JobManager, Rejected
 from .metrics import ServiceMetrics
-from .runtime import Runtime
+from .runtime import Model, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         manager = await self._require_manager(context)
         try:
             job_request = await asyncio.to_thread(convert.request_from_proto, request, self._config.limits)
+            self._runtime().check_backbone(job_request.options)
         except OptionsError as error:
             await self._reject(context, JobStatus.invalid(error))
         # Only a Stylize call lives as long as its job; SubmitJob's deadline covers the submission alone.
@@ -199,7 +200,7 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         info = pb.ServerInfo(
             version=version(),
             default_options=convert.options_to_proto(DEFAULTS),
-            available_layers=VGG19_LAYERS,
+            available_layers=LAYERS[DEFAULTS.backbone],
             limits=pb.Limits(
                 max_size=limits.max_size,
                 max_pixels=limits.max_pixels,
@@ -214,32 +215,36 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
             queue = manager.snapshot()
             info.queue.CopyFrom(pb.QueueState(**dataclasses.asdict(queue)))
         if runtime is not None:
-            manifest = runtime.manifest
-            info.model.CopyFrom(
-                pb.ModelInfo(
-                    arch=manifest.arch,
-                    weights=manifest.weights,
-                    # Random weights come from no file: their digest is that of the weights themselves.
-                    weights_sha256=manifest.weights_sha256 or manifest.state_dict_sha256,
-                    onnx_sha256=runtime.onnx_sha256,
-                    layers=manifest.layers,
-                    pooling=manifest.pooling,
-                    opset=manifest.opset,
-                    manifest_json=manifest.to_json(),
-                )
-            )
-            info.providers.extend(runtime.providers)
+            info.models.extend(_model_info(model) for model in runtime.models.values())
+            default = _model_info(runtime.default)
+            info.model.CopyFrom(default)
+            info.parity.CopyFrom(default.parity)
+            info.available_layers[:] = default.available_layers
+            info.providers.extend(runtime.default.providers)
             info.device = ", ".join(dict.fromkeys(str(device) for device in runtime.devices))
-            parity = runtime.parity
-            info.parity.CopyFrom(
-                pb.ParityReport(
-                    passed=parity.passed,
-                    tolerance=parity.tolerance,
-                    targets_backend=parity.targets_backend,
-                    layers=[
-                        pb.LayerParity(layer=r.layer, quantity=r.quantity, relative_error=r.relative_error)
-                        for r in parity.rows
-                    ],
-                )
-            )
         return info
+
+
+def _model_info(model: Model) -> pb.ModelInfo:
+    manifest, parity = model.manifest, model.parity
+    return pb.ModelInfo(
+        arch=manifest.arch,
+        weights=manifest.weights,
+        # Random weights come from no file: their digest is that of the weights themselves.
+        weights_sha256=manifest.weights_sha256 or manifest.state_dict_sha256,
+        onnx_sha256=model.onnx_sha256,
+        layers=manifest.layers,
+        pooling=manifest.pooling,
+        opset=manifest.opset,
+        manifest_json=manifest.to_json(),
+        parity=pb.ParityReport(
+            passed=parity.passed,
+            tolerance=parity.tolerance,
+            targets_backend=parity.targets_backend,
+            layers=[
+                pb.LayerParity(layer=r.layer, quantity=r.quantity, relative_error=r.relative_error)
+                for r in parity.rows
+            ],
+        ),
+        available_layers=LAYERS[Backbone(manifest.arch)],
+    )
