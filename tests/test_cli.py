@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from stylize.client import Cancelled, StylizeClient
-from stylize.client.cli import build_parser
+from stylize.client.cli import _settings, build_parser
 from stylize.client.options import STYLE_OPTIONS
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
@@ -50,6 +50,21 @@ def test_help_shows_every_engine_option_with_its_default() -> None:
         assert f"--{spec.name.replace('_', '-')}" in text
         assert f"(default: {spec.format_default()})" in text
     assert "--size N longest edge of the output image in pixels (default: 512)" in text
+
+
+def test_preset_is_fast_preview_unless_told_otherwise() -> None:
+    parse = build_parser().parse_intermixed_args
+    assert _settings(parse([CONTENT, STYLE, "-o", "o.png"]))["preset"] == "fast-preview"
+    assert _settings(parse([CONTENT, STYLE, "-o", "o.png", "--preset", "gatys2016"]))["preset"] == "gatys2016"
+    assert "preset" not in _settings(parse([CONTENT, STYLE, "-o", "o.png", "--preset", "none"]))
+
+
+def test_unknown_preset_exits_2_naming_the_valid_ones(tmp_path) -> None:
+    result = stylize(CONTENT, STYLE, "-o", str(tmp_path / "o.png"), "--preset", "fast", "--server",
+                     f"127.0.0.1:{free_port()}")  # fmt: skip
+    assert_one_line_error(
+        result, 2, "preset: unknown preset 'fast'; valid: gatys2016", "fast-preview quality"
+    )
 
 
 def test_run_writes_the_output_and_the_previews_and_shows_progress(server, tmp_path) -> None:

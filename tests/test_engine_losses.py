@@ -16,6 +16,7 @@ from stylize.server.engine.losses import (
     gram_matrix,
     mean_and_second_moment,
 )
+from stylize.server.engine.options import LossNormalization
 
 
 def features(channels: int = 16, size: int = 8, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
@@ -35,6 +36,38 @@ def test_losses_are_zero_at_the_target_and_invariant_to_feature_scale() -> None:
         original, scaled = loss_type(statistics(a))(b).item(), loss_type(statistics(a * 50))(b * 50).item()
         assert original > 0.01
         assert scaled == pytest.approx(original, rel=1e-3), loss_type.__name__
+
+
+def test_gatys_normalization_is_the_papers_formula() -> None:
+    """Gatys et al. 2016 eq. 4 and 1, written out with the unnormalized Gram F F^T."""
+    a, b = features(channels=6, size=5, seed=0), features(channels=6, size=5, seed=1)
+    n, m = 6, 25
+    flat_a, flat_b = a.reshape(n, m).double(), b.reshape(n, m).double()
+    style = ((flat_b @ flat_b.T - flat_a @ flat_a.T) ** 2).sum() / (4 * n**2 * m**2)
+    content = 0.5 * ((b - a).double() ** 2).sum()
+    gatys = LossNormalization.GATYS
+    assert GramStyleLoss(gram_matrix(a), gatys)(b).item() == pytest.approx(style.item(), rel=1e-5)
+    assert ContentLoss(a, gatys)(b).item() == pytest.approx(content.item(), rel=1e-5)
+
+
+def test_positions_normalization_is_the_tensorflow_tutorials_formula() -> None:
+    """The tutorial: gram = einsum('bijc,bijd->bcd') / (H*W); loss = reduce_mean((gram - target)**2);
+    content reduce_mean((F - P)**2). Unlike the relative loss, it grows with the activations."""
+    a, b = features(channels=6, size=5, seed=0), features(channels=6, size=5, seed=1)
+    channels_last = [f.permute(0, 2, 3, 1).double() for f in (a, b)]
+    grams = [torch.einsum("bijc,bijd->bcd", f, f) / 25 for f in channels_last]
+    style = ((grams[1] - grams[0]) ** 2).mean()
+    positions = LossNormalization.POSITIONS
+    assert GramStyleLoss(gram_matrix(a), positions)(b).item() == pytest.approx(style.item(), rel=1e-5)
+    assert ContentLoss(a, positions)(b).item() == pytest.approx(((b - a) ** 2).mean().item(), rel=1e-5)
+    scaled = GramStyleLoss(gram_matrix(a * 10), positions)(b * 10).item()
+    assert scaled == pytest.approx(style.item() * 10**4, rel=1e-4)
+
+
+def test_mean_covariance_loss_is_relative_only() -> None:
+    a = features()
+    with pytest.raises(ValueError, match="relative only"):
+        MeanCovarianceStyleLoss(mean_and_second_moment(a), LossNormalization.GATYS)
 
 
 def test_gram_is_averaged_over_positions() -> None:
