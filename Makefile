@@ -34,14 +34,16 @@ proto: venv
 	$(PY) scripts/gen_proto.py
 
 # Every benchmark script; one JSON file each in $(BENCH_OUT)/ (tables on stderr). Under 10 minutes on
-# 2 CPU cores: the engine's quick mode, three repeats per extractor size. See docs/performance.md.
+# 2 CPU cores: the engine's quick mode, three repeats per extractor size. The service/in-process ratio
+# runs both sides on one thread: with two OpenMP threads per process on a shared 2-core machine the
+# in-process runs varied from 1 s to 31 s for the same job. See docs/performance.md.
 BENCH_OUT ?= bench/results
 bench: venv
 	mkdir -p $(BENCH_OUT)
 	$(VENV)/bin/stylize-export --weights random --out $(BENCH_OUT)/model > /dev/null
 	$(PY) -m bench.engine --quick > $(BENCH_OUT)/engine.json
 	$(PY) -m bench.extractor --model-dir $(BENCH_OUT)/model --repeats 3 > $(BENCH_OUT)/extractor.json
-	$(PY) -m bench.service --model-dir $(BENCH_OUT)/model > $(BENCH_OUT)/service.json
+	$(PY) -m bench.service --model-dir $(BENCH_OUT)/model --threads 1 > $(BENCH_OUT)/service.json
 	$(PY) -m bench.load --model-dir $(BENCH_OUT)/model > $(BENCH_OUT)/load.json
 	$(PY) -m bench.scaling --model-dir $(BENCH_OUT)/model > $(BENCH_OUT)/scaling.json
 
