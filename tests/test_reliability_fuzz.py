@@ -39,8 +39,8 @@ from stylize.v1 import stylize_pb2_grpc
 FUZZ_SERVER_REQUESTS = 40
 IN_PROCESS_EXAMPLES = 1000
 ALLOWED_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
-# The top-level request fields a violation may name (with paths below them, e.g. "options.size").
-REQUEST_FIELDS = ("content_image", "styles", "options", "preview", "output_format", "client_tag")
+# A violation names a request field (with a path below it, e.g. "options.size", "styles[1].image").
+REQUEST_FIELDS = tuple(field.name for field in pb.StylizeRequest.DESCRIPTOR.fields)
 LIMITS = Limits()
 
 
