@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from bench.machine import machine_info
 from stylize.export.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine import schedule
 from stylize.server.engine.imageio import pil_to_tensor
@@ -42,29 +41,6 @@ from stylize.server.engine.run import stylize
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 CPU_AND_GPU_NOTE = "CUDA timings include a device sync per iteration (the Progress record reads the losses)."
-
-
-def machine() -> dict:
-    return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_at_start": list(os.getloadavg()),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def square(image: torch.Tensor) -> torch.Tensor:
@@ -211,7 +187,7 @@ def main() -> int:
     warmup, measured = (2, 3) if args.quick else (3, 9)
     total = 40 if args.quick else 200
 
-    host = machine()
+    host = machine_info()
     extractor = VGGFeatures().load_weights(random_state_dict(0)).to(device)
     content, style = square(load("chelsea.png")), load("hubble_deep_field.jpg")
     rows, speedups = speed_table(edges, content, style, extractor, device, warmup, measured)

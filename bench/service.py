@@ -33,10 +33,11 @@ import grpc
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' server harness: one way to run a server subprocess
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # bench.machine, and the tests' server harness
 
 from serverproc import ServerProcess, export_random_model  # noqa: E402
 
+from bench.machine import machine_info  # noqa: E402
 from stylize.server import convert  # noqa: E402
 from stylize.server.config import parse_config  # noqa: E402
 from stylize.server.engine.records import Result  # noqa: E402
@@ -129,6 +130,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "service_overhead",
+                "machine": machine_info(),
                 "device": args.device,
                 "threads": args.threads or torch.get_num_threads(),
                 "size": args.size,
