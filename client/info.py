@@ -34,6 +34,8 @@ class ServerInfo:
     # Every option with the server's default, by engine name.
     default_options: dict[str, object]
     available_layers: tuple[str, ...]
+    # The backbones the server serves ("vgg19", "vgg16"); a job's `backbone` option picks one.
+    backbones: tuple[str, ...]
     message: stylize_pb2.ServerInfo = field(repr=False)
 
     @classmethod
@@ -50,6 +52,7 @@ class ServerInfo:
             limits={f.name: getattr(message.limits, f.name) for f in message.limits.DESCRIPTOR.fields},
             default_options=style_options_from_proto(message.default_options),
             available_layers=tuple(message.available_layers),
+            backbones=tuple(model.arch for model in message.models),
             message=message,
         )
 

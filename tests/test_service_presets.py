@@ -68,6 +68,7 @@ def test_one_server_serves_both_backbones(two_backbones) -> None:
         info = client.server_info()
         models = {model.arch: model for model in info.message.models}
         assert list(models) == ["vgg19", "vgg16"] and info.message.model.arch == "vgg19"
+        assert info.backbones == ("vgg19", "vgg16")
         assert all(model.parity.passed and model.parity.layers for model in models.values())
         assert (
             "relu5_3" in models["vgg16"].available_layers
