@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--model-dir",
         type=Path,
-        help="directory holding vgg19.onnx and vgg19.json from stylize-export (required)",
+        help="directory holding vgg19.onnx + vgg19.json and/or vgg16.onnx + vgg16.json from stylize-export "
+        "(required; every artifact in it is served)",
     )
     add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 or [::] in a container)")
     add("--port", type=_port, default=50051, help="gRPC port; 0 picks a free one (printed at start-up)")
