@@ -361,7 +361,7 @@ class JobManager:
                 self._running += 1
                 self._metrics.queue_depth.set(len(self._waiting))
             try:
-                state, status = self._run(job, worker)
+                state, status, completed = self._run(job, worker)
             finally:
                 with self._condition:
                     self._running -= 1
@@ -370,10 +370,15 @@ class JobManager:
                     state, "failed"
                 )
             ).inc()
+            # The result goes out only after the metrics count the job as done, so a scrape taken when
+            # the caller has its result never still shows the job in progress.
+            if completed is not None:
+                self._call_soon(job.publish, completed)
             self._call_soon(self._finish, job, state, status)
 
-    def _run(self, job: Job, worker: int) -> tuple[int, JobStatus | None]:
-        """Run one job on this worker thread; returns its final state and, unless it succeeded, a status."""
+    def _run(self, job: Job, worker: int) -> tuple[int, JobStatus | None, pb.JobEvent | None]:
+        """Run one job on this worker thread; returns its final state, unless it succeeded a status, and if
+        it did its completed event (not yet published)."""
         started = time.monotonic()
         queue_seconds = started - job.accepted_at
         self._metrics.queue_wait.observe(queue_seconds)
@@ -381,31 +386,37 @@ class JobManager:
         try:
             if job.cancel.is_set():
                 raise Cancelled()
-            self._execute(job, worker, queue_seconds)
-            return pb.JOB_STATE_SUCCEEDED, None
+            return pb.JOB_STATE_SUCCEEDED, None, self._execute(job, worker, queue_seconds)
         except Cancelled:
-            return pb.JOB_STATE_CANCELLED, job.cancel_status or JobStatus(
-                grpc.StatusCode.CANCELLED, "cancelled"
+            return (
+                pb.JOB_STATE_CANCELLED,
+                job.cancel_status or JobStatus(grpc.StatusCode.CANCELLED, "cancelled"),
+                None,
             )
         except OptionsError as error:
-            return pb.JOB_STATE_FAILED, JobStatus.invalid(error)
+            return pb.JOB_STATE_FAILED, JobStatus.invalid(error), None
         except Exception as error:
             if is_out_of_memory(error):
                 log.warning(
                     "job %s ran out of memory on %s: %s", job.id, self._executor.device_name(worker), error
                 )
                 self._executor.release_memory(worker)
-                return pb.JOB_STATE_FAILED, JobStatus(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"out of memory on {self._executor.device_name(worker)}; try a smaller size",
+                return (
+                    pb.JOB_STATE_FAILED,
+                    JobStatus(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"out of memory on {self._executor.device_name(worker)}; try a smaller size",
+                    ),
+                    None,
                 )
             log.exception("job %s failed", job.id)
-            return pb.JOB_STATE_FAILED, JobStatus(grpc.StatusCode.INTERNAL, f"job failed: {error}")
+            return pb.JOB_STATE_FAILED, JobStatus(grpc.StatusCode.INTERNAL, f"job failed: {error}"), None
         finally:
             self._metrics.in_progress.dec()
             self._metrics.job_duration.observe(time.monotonic() - started)
 
-    def _execute(self, job: Job, worker: int, queue_seconds: float) -> None:
+    def _execute(self, job: Job, worker: int, queue_seconds: float) -> pb.JobEvent:
+        """Run the engine, publishing started and progress events; returns the completed event."""
         request = job.request
         options = request.options
         scales = schedule.plan(
@@ -445,10 +456,10 @@ class JobManager:
                 ):  # cancelled during the last iteration: CancelJob already said CANCELLED
                     raise Cancelled()
                 image = self._encode(record.image, request.output_encoding, quality=95, max_size=0)
-                event = convert.completed_event(
+                return convert.completed_event(
                     image, record.losses, record.iterations, time.monotonic() - started, queue_seconds
                 )
-                self._call_soon(job.publish, event)
+        raise RuntimeError("the engine ended without a result")
 
     def _account_iteration(self, progress: Progress, seconds: float) -> None:
         pixels = progress.width * progress.height

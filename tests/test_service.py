@@ -349,3 +349,12 @@ def test_reflection_lists_the_services(server) -> None:
 def test_health_reports_serving_for_the_server_and_the_service(server) -> None:
     assert server.health("") == "SERVING"
     assert server.health("stylize.v1.StyleTransfer") == "SERVING"
+
+
+def test_a_job_is_counted_done_before_its_result_reaches_the_caller(server, stub) -> None:
+    before = sample(scrape(server.metrics_url), "stylize_jobs_total", status="succeeded") or 0
+    events, code = collect(stub.Stylize(stylize_request(SMALL), timeout=CALL_TIMEOUT))
+    assert code == grpc.StatusCode.OK and events[-1].HasField("completed")
+    samples = scrape(server.metrics_url)  # at once: no polling
+    assert sample(samples, "stylize_jobs_total", status="succeeded") == before + 1
+    assert sample(samples, "stylize_jobs_in_progress") == 0
