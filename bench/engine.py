@@ -133,14 +133,7 @@ def finish(options: StyleOptions, content, style, extractor, device) -> dict:
         if isinstance(record, Result):
             result = record
     seconds = time.perf_counter() - start
-    plan = schedule.plan(
-        size=options.size,
-        min_size=options.min_size,
-        scale_factor=options.scale_factor,
-        iterations=options.iterations,
-        initial_iterations=options.initial_iterations,
-        content_size=(content.shape[2], content.shape[1]),
-    )
+    plan = schedule.plan_for(options, (content.shape[2], content.shape[1]))
     return {
         "scales": [{"width": s.width, "height": s.height, "iterations": s.iterations} for s in plan],
         "iterations": result.iterations,

@@ -91,7 +91,7 @@ _CLASS_BY_CODE: dict[grpc.StatusCode, type[StylizeError]] = {
 }
 
 
-def _field_violations(error: grpc.RpcError) -> list[FieldViolation]:
+def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
     """The BadRequest field violations in the error's rich status, if it has any."""
     try:
         status = rpc_status.from_call(error)
@@ -118,5 +118,5 @@ def error_from_rpc(error: grpc.RpcError) -> StylizeError:
     details = _one_line(error.details() or code.name.lower().replace("_", " "))
     cls = _CLASS_BY_CODE.get(code, JobFailed)
     if cls is InvalidArgument:
-        return InvalidArgument(details, _field_violations(error), code=code)
+        return InvalidArgument(details, field_violations(error), code=code)
     return cls(details, code=code)

@@ -45,20 +45,6 @@ async def abort(context: grpc.aio.ServicerContext, status: JobStatus) -> None:
     await context.abort_with_status(status.to_rpc_status())
 
 
-def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
-    """The BadRequest field violations of a failed call (client side; used by tests and tools)."""
-    status = rpc_status.from_call(error)
-    if status is None:
-        return []
-    violations: list[FieldViolation] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            violations += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
-    return violations
-
-
 class _Malformed:
     """Stands in for a request whose bytes do not parse as the method's message."""
 

@@ -300,14 +300,7 @@ class JobManager:
         if speed is None:
             return None
         options = request.options
-        scales = schedule.plan(
-            size=options.size,
-            min_size=options.min_size,
-            scale_factor=options.scale_factor,
-            iterations=options.iterations,
-            initial_iterations=options.initial_iterations,
-            content_size=request.content.size,
-        )
+        scales = schedule.plan_for(options, request.content.size)
         return speed * sum(scale.pixels * scale.iterations for scale in scales)
 
     async def drain(self, grace_seconds: float, cancel_wait_seconds: float = 30.0) -> None:
@@ -419,14 +412,7 @@ class JobManager:
         """Run the engine, publishing started and progress events; returns the completed event."""
         request = job.request
         options = request.options
-        scales = schedule.plan(
-            size=options.size,
-            min_size=options.min_size,
-            scale_factor=options.scale_factor,
-            iterations=options.iterations,
-            initial_iterations=options.initial_iterations,
-            content_size=request.content.size,
-        )
+        scales = schedule.plan_for(options, request.content.size)
         backend, records = self._executor.run(request, job.cancel, worker)
         total = sum(scale.iterations for scale in scales)
         self._call_soon(

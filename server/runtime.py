@@ -17,7 +17,6 @@ with torch targets and says so in GetServerInfo and the metrics.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,7 @@ from PIL import Image
 from stylize.export.artifact import Artifact, ArtifactError, Manifest, load_artifacts
 from stylize.export.parity import ParityRow, compare, format_table
 from stylize.export.vgg import VGGFeatures
+from stylize.export.weights import file_sha256
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
 from stylize.server.engine.options import DEFAULTS, Backbone, FieldViolation, OptionsError, StyleOptions
 from stylize.server.engine.records import Progress, Result
@@ -190,14 +190,6 @@ def run_parity_probe(
     rows = compare(torch_features(extractor, image, device), candidate)
     passed = all(row.passed(tolerance) for row in rows)
     return passed, f"onnxruntime:{session.get_providers()[0]}", rows
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class OrtTargets:

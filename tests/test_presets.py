@@ -137,10 +137,7 @@ def test_presets_are_what_the_issue_describes() -> None:
 
 
 def total_pixel_iterations(options: StyleOptions) -> int:
-    plan = schedule.plan(
-        size=options.size, min_size=options.min_size, scale_factor=options.scale_factor,
-        iterations=options.iterations, initial_iterations=options.initial_iterations, content_size=(4, 3),
-    )  # fmt: skip
+    plan = schedule.plan_for(options, (4, 3))
     return sum(scale.pixels * scale.iterations for scale in plan)
 
 

@@ -27,7 +27,7 @@ from serverproc import (
     stylize_request,
 )
 
-from stylize.server.errors import field_violations
+from stylize.client.errors import field_violations
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
 

@@ -11,8 +11,8 @@ import pytest
 from serverproc import ServerProcess, export_random_model, sample, scrape
 
 from stylize.client import Completed, InvalidArgument, Started, StylizeClient
+from stylize.client.errors import field_violations
 from stylize.server.engine.options import FieldViolation
-from stylize.server.errors import field_violations
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
 

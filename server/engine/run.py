@@ -289,14 +289,7 @@ class _Job:
     def run(self, preview_every: int, progress_every: int) -> Iterator[Progress | Result]:
         o = self.options
         start = time.perf_counter()
-        plan = schedule.plan(
-            size=o.size,
-            min_size=o.min_size,
-            scale_factor=o.scale_factor,
-            iterations=o.iterations,
-            initial_iterations=o.initial_iterations,
-            content_size=(self.content.shape[-1], self.content.shape[-2]),
-        )
+        plan = schedule.plan_for(o, (self.content.shape[-1], self.content.shape[-2]))
         iterations_total = sum(scale.iterations for scale in plan)
         work_total = sum(scale.iterations * scale.pixels for scale in plan)
         work_done = 0

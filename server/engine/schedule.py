@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from stylize.server.engine.options import StyleOptions
+
 
 @dataclass(frozen=True)
 class Scale:
@@ -64,6 +66,18 @@ def plan(
         Scale(*fit(edge, content_size), iterations=initial_iterations if index == 0 else iterations)
         for index, edge in enumerate(edges)
     ]
+
+
+def plan_for(options: StyleOptions, content_size: tuple[int, int]) -> list[Scale]:
+    """The scales of a job with these options on a content image of content_size (width, height)."""
+    return plan(
+        size=options.size,
+        min_size=options.min_size,
+        scale_factor=options.scale_factor,
+        iterations=options.iterations,
+        initial_iterations=options.initial_iterations,
+        content_size=content_size,
+    )
 
 
 def total_iterations(*, iterations: int, initial_iterations: int, scales: int) -> int:
