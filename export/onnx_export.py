@@ -138,6 +138,8 @@ def export_artifact(
         exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
         input_name=INPUT_NAME,
         output_names=tuple(o.name for o in model.graph.output),
+        weights_origin=weights.origin,
+        weights_licence=weights.licence,
     )
     (out_dir / manifest_filename(extractor.arch)).write_text(manifest.to_json())
     return manifest
