@@ -198,7 +198,7 @@ class ProgressBar:
             bar.set_description_str(f"queued ({event.position} ahead)")
         elif isinstance(event, Started):
             bar.reset(total=event.iterations_total)
-            bar.set_description_str(f"{event.job_id[:8]} on {event.device}")
+            bar.set_description_str(f"{event.job_id[:8]} on {event.device} ({event.precision})")
         elif isinstance(event, Progress):
             losses = event.losses
             bar.set_postfix_str(
@@ -221,6 +221,9 @@ def follow(stream: EventStream, outputs: Outputs, *, as_json: bool, bar: Progres
         path: Path | None = None
         if isinstance(event, Progress):
             path = outputs.save_preview(event)
+        elif isinstance(event, Started):
+            for warning in event.warnings:
+                tqdm.write(f"stylize: warning: {warning}", file=sys.stderr)
         elif isinstance(event, Completed):
             completed = event
             path = event.save(outputs.output) if outputs.output else None

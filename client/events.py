@@ -105,6 +105,11 @@ class Started(Event):
     scales: tuple[tuple[int, int], ...]
     iterations_total: int
     targets_backend: str
+    # What the network really runs in ("fp32" or "bf16"), and why.
+    precision: str = ""
+    precision_reason: str = ""
+    # Things the caller should know, such as bf16 asked for on a device that emulates it.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +183,9 @@ def event_from_proto(message: stylize_pb2.JobEvent) -> Event | None:
             scales=tuple(_size(size) for size in started.scales),
             iterations_total=started.iterations_total,
             targets_backend=started.targets_backend,
+            precision=started.precision,
+            precision_reason=started.precision_reason,
+            warnings=tuple(started.warnings),
         )
     if which == "progress":
         progress = message.progress

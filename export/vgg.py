@@ -14,7 +14,10 @@ views of one set of weights (`configured`) that differ only in those choices.
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -45,6 +48,13 @@ CONFIGS: dict[Backbone, tuple[int | str, ...]] = {
 # pooling; scaling by 2 keeps deeper activations (and so the loss weights tuned for max
 # pooling) in the same range. Same constant as crowsonkb's style-transfer-pytorch.
 AVERAGE_POOL_SCALE = 2.0
+
+# Parameters cast to another dtype (VGGFeatures.with_dtype), per original `features` module; they go
+# with it.
+_CASTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[torch.dtype, torch.device], nn.Sequential]] = (
+    weakref.WeakKeyDictionary()
+)
+_CASTS_LOCK = threading.Lock()
 
 
 class ModelError(ValueError):
@@ -222,16 +232,35 @@ class VGGFeatures(nn.Module):
         self, *, layers: Iterable[str] | None = None, pooling: str | None = None, padding: str | None = None
     ) -> VGGFeatures:
         """Another view of the SAME parameters (no copy) with other taps, pooling or padding."""
-        view = VGGFeatures.__new__(VGGFeatures)
-        nn.Module.__init__(view)
-        view.arch = self.arch
-        view.features = self.features
-        view._configure(
+        return self._view(
+            self.features,
             self.layers if layers is None else layers,
             self.pooling if pooling is None else pooling,
             self.padding if padding is None else padding,
-            self.normalization,
         )
+
+    def with_dtype(self, dtype: torch.dtype) -> VGGFeatures:
+        """This view with its parameters (not the buffers: the input normalization stays float32) in
+        `dtype`. The copy is made once per parameter set, device and dtype, and shared by every view of it,
+        so a job costs no copy of 20M parameters."""
+        first = self.features[0].weight
+        if dtype == first.dtype:
+            return self
+        key = (dtype, first.device)
+        with _CASTS_LOCK:
+            copies = _CASTS.setdefault(self.features, {})
+            if key not in copies:
+                copies[key] = copy.deepcopy(self.features).to(dtype)
+        return self._view(copies[key], self.layers, self.pooling, self.padding)
+
+    def _view(
+        self, features: nn.Sequential, layers: Iterable[str], pooling: str, padding: str
+    ) -> VGGFeatures:
+        view = VGGFeatures.__new__(VGGFeatures)
+        nn.Module.__init__(view)
+        view.arch = self.arch
+        view.features = features
+        view._configure(layers, pooling, padding, self.normalization)
         return view.to(self.mean.device)
 
     @property

@@ -29,6 +29,8 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int = DEFAULT_METRICS_PORT
     workers: int = 1
+    # torch's intra-op threads (process-wide, shared by the workers); 0: the usable cores / workers.
+    threads: int = 0
     max_queue: int = 16
     device: str = "auto"
     # "auto", or an ordered subset of PROVIDER_CHOICES.
@@ -54,6 +56,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -117,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="worker threads, one per device (cuda:0..N-1 on GPUs)",
+    )
+    add(
+        "--threads",
+        type=_non_negative_int,
+        default=0,
+        help="torch intra-op threads per worker; 0 = the usable CPU cores divided by --workers",
     )
     add("--max-queue", type=_positive_int, default=16, help="jobs that may wait; more get RESOURCE_EXHAUSTED")
     add(
@@ -223,6 +238,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         port=args.port,
         metrics_port=args.metrics_port,
         workers=args.workers,
+        threads=args.threads,
         max_queue=args.max_queue,
         device=args.device,
         providers=args.providers,

@@ -40,7 +40,7 @@ from stylize.server.engine.options import (
     with_canonical_layers,
 )
 from stylize.server.engine.presets import PRESETS, apply_preset, unknown_preset
-from stylize.server.engine.records import Losses, Progress
+from stylize.server.engine.records import Losses, Progress, Started
 from stylize.v1 import stylize_pb2 as pb
 
 from .codec import decode_image
@@ -311,15 +311,16 @@ def queued_event(position: int) -> pb.JobEvent:
     return pb.JobEvent(queued=pb.Queued(position=position))
 
 
-def started_event(
-    device: str, scales: Sequence[tuple[int, int]], iterations_total: int, targets_backend: str
-) -> pb.JobEvent:
+def started_event(device: str, started: Started, targets_backend: str) -> pb.JobEvent:
     return pb.JobEvent(
         started=pb.Started(
             device=device,
-            scales=[pb.Size(width=w, height=h) for w, h in scales],
-            iterations_total=iterations_total,
+            scales=[pb.Size(width=w, height=h) for w, h in started.scales],
+            iterations_total=started.iterations_total,
             targets_backend=targets_backend,
+            precision=started.precision,
+            precision_reason=started.precision_reason,
+            warnings=started.warnings,
         )
     )
 

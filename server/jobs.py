@@ -26,7 +26,7 @@ from PIL import Image
 
 from stylize.server.engine import schedule
 from stylize.server.engine.options import OptionsError
-from stylize.server.engine.records import Cancelled, Progress, Result
+from stylize.server.engine.records import Cancelled, Progress, Result, Started
 from stylize.v1 import stylize_pb2 as pb
 
 from . import convert
@@ -62,7 +62,7 @@ class Executor(Protocol):
 
     def run(
         self, request: JobRequest, cancel: threading.Event, worker: int
-    ) -> tuple[str, Iterator[Progress | Result]]:
+    ) -> tuple[str, Iterator[Started | Progress | Result]]:
         """(targets backend, the engine's records); torch work happens while iterating."""
         ...
 
@@ -411,20 +411,17 @@ class JobManager:
     def _execute(self, job: Job, worker: int, queue_seconds: float) -> pb.JobEvent:
         """Run the engine, publishing started and progress events; returns the completed event."""
         request = job.request
-        options = request.options
-        scales = schedule.plan_for(options, request.content.size)
         backend, records = self._executor.run(request, job.cancel, worker)
-        total = sum(scale.iterations for scale in scales)
-        self._call_soon(
-            job.publish,
-            convert.started_event(
-                self._executor.device_name(worker), [(s.width, s.height) for s in scales], total, backend
-            ),
-        )
         started = time.monotonic()
         previous = 0.0
         for record in records:
-            if isinstance(record, Progress):
+            if isinstance(record, Started):
+                device = self._executor.device_name(worker)
+                self._metrics.job_precision.labels(device, record.precision).inc()
+                for warning in record.warnings:
+                    log.warning("job %s: %s", job.id, warning)
+                self._call_soon(job.publish, convert.started_event(device, record, backend))
+            elif isinstance(record, Progress):
                 self._account_iteration(record, record.elapsed_seconds - previous)
                 previous = record.elapsed_seconds
                 preview = None

@@ -79,6 +79,8 @@ def _record_runtime(metrics: ServiceMetrics, runtime: Runtime) -> None:
                 row.relative_error
             )
         metrics.model_info.labels(arch, model.manifest.weights, ",".join(model.providers), devices).set(1)
+    for device, choice in runtime.auto_precision.items():
+        metrics.device_info.labels(device, choice.precision).set(1)
     metrics.parity_passed.set(1 if all(model.parity.passed for model in runtime.models.values()) else 0)
 
 

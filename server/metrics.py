@@ -94,6 +94,18 @@ class ServiceMetrics:
             ["arch", "weights", "providers", "device"],
             registry=registry,
         )
+        self.device_info = Gauge(
+            "stylize_device_info",
+            "Always 1, a series per worker device: what precision AUTO resolved to there.",
+            ["device", "auto_precision"],
+            registry=registry,
+        )
+        self.job_precision = Counter(
+            "stylize_job_precision",
+            "Jobs started, by device and the precision their network really ran in.",
+            ["device", "precision"],
+            registry=registry,
+        )
 
 
 class NvmlCollector(Collector):

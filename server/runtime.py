@@ -18,6 +18,7 @@ with torch targets and says so in GetServerInfo and the metrics.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,9 +33,17 @@ from stylize.export.artifact import Artifact, ArtifactError, Manifest, load_arti
 from stylize.export.parity import ParityRow, compare, format_table
 from stylize.export.vgg import VGGFeatures
 from stylize.export.weights import file_sha256
+from stylize.server.engine import precision
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
-from stylize.server.engine.options import DEFAULTS, Backbone, FieldViolation, OptionsError, StyleOptions
-from stylize.server.engine.records import Progress, Result
+from stylize.server.engine.options import (
+    DEFAULTS,
+    Backbone,
+    FieldViolation,
+    OptionsError,
+    Precision,
+    StyleOptions,
+)
+from stylize.server.engine.records import Progress, Result, Started
 from stylize.server.engine.run import TargetFn, stylize
 
 from .config import ServerConfig
@@ -86,6 +95,14 @@ def resolve_devices(device: str, workers: int) -> list[torch.device]:
             raise StartupError(f"--device {device}: torch sees {count} CUDA device(s)")
         return [torch.device("cuda", index)] * workers
     return [torch.device("cpu")] * workers
+
+
+def intra_op_threads(config: ServerConfig) -> int:
+    """torch's intra-op threads: the operator's --threads, else the usable cores shared out between the
+    workers (more threads than cores only make the workers' OpenMP pools fight)."""
+    if config.threads:
+        return config.threads
+    return max(1, len(os.sched_getaffinity(0)) // config.workers)
 
 
 def provider_chain(config: ServerConfig, device: torch.device) -> list[tuple[str, dict[str, str]]]:
@@ -248,12 +265,19 @@ class Runtime:
         except ArtifactError as error:
             raise StartupError(str(error)) from None
         self.devices = resolve_devices(config.device, config.workers)
+        self.threads = intra_op_threads(config)
+        torch.set_num_threads(self.threads)
         chain = provider_chain(config, self.devices[0])
         self.models: dict[Backbone, Model] = {
             arch: self._load(artifact, chain) for arch, artifact in artifacts.items()
         }
         # The model of the default backbone when it is served, else the only one: what ServerInfo.model shows.
         self.default = self.models.get(DEFAULTS.backbone) or next(iter(self.models.values()))
+        # What AUTO means on each device, probed now so that no job pays for it and ServerInfo can say.
+        self.auto_precision: dict[str, precision.PrecisionChoice] = {
+            str(device): precision.resolve(Precision.AUTO, device, extractor)
+            for device, extractor in zip(self.devices, self.default.extractors, strict=True)
+        }
 
     def _load(self, artifact: Artifact, chain: list[tuple[str, dict[str, str]]]) -> Model:
         # One extractor per distinct device; workers on the same device share it (forward is re-entrant).
@@ -326,7 +350,7 @@ class Runtime:
 
     def run(
         self, request: JobRequest, cancel: threading.Event, worker: int
-    ) -> tuple[str, Iterator[Progress | Result]]:
+    ) -> tuple[str, Iterator[Started | Progress | Result]]:
         self.check_backbone(request.options)
         model = self.models[Backbone(request.options.backbone)]
         targets, backend = self._targets(model, request.options, worker)

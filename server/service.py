@@ -222,6 +222,12 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
             info.available_layers[:] = default.available_layers
             info.providers.extend(runtime.default.providers)
             info.device = ", ".join(dict.fromkeys(str(device) for device in runtime.devices))
+            info.devices.extend(
+                pb.DeviceInfo(
+                    device=device, auto_precision=choice.precision, auto_precision_reason=choice.reason
+                )
+                for device, choice in runtime.auto_precision.items()
+            )
         return info
 
 

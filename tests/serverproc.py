@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -266,6 +266,15 @@ def collect(stream) -> tuple[list[pb.JobEvent], grpc.StatusCode]:
     except grpc.RpcError as error:
         return events, error.code()
     return events, grpc.StatusCode.OK
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.05) -> None:
+    """Poll `condition` until it holds; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(poll)
 
 
 def final_iteration(stub, job_id: str) -> tuple[int, grpc.StatusCode]:

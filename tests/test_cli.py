@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from serverproc import ServerProcess
 
 from stylize.client import Cancelled, StylizeClient
 from stylize.client.cli import _settings, build_parser
@@ -163,3 +164,19 @@ def test_interrupt_cancels_the_job_and_exits_130(server, tmp_path) -> None:
     assert "Traceback" not in stderr and f"job {record['job_id']} cancelled" in stderr
     with StylizeClient(server.address) as client, pytest.raises(Cancelled):
         client.watch(record["job_id"], timeout=20).result()
+
+
+# oneDNN's and ATen's documented switches: this process's CPU acts as one with AVX2 and no bf16.
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def test_on_a_cpu_without_bf16_the_default_job_runs_fp32_and_forced_bf16_warns(model_dir, tmp_path) -> None:
+    with ServerProcess(model_dir, "--device", "cpu", env=AVX2_ONLY) as avx2:
+        default = stylize(CONTENT, STYLE, "-o", str(tmp_path / "a.png"), "--server", avx2.address, *SMALL)
+        assert default.returncode == 0, default.stderr
+        assert "on cpu (fp32)" in default.stderr and "warning" not in default.stderr
+        forced = stylize(CONTENT, STYLE, "-o", str(tmp_path / "b.png"), "--precision", "bf16",
+                         "--server", avx2.address, *SMALL)  # fmt: skip
+        assert forced.returncode == 0, forced.stderr
+        assert "stylize: warning: bf16 requested on cpu, which has no bf16 hardware" in forced.stderr
+        assert "on cpu (bf16)" in forced.stderr

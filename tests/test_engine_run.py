@@ -18,7 +18,7 @@ from stylize.server.engine import color
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
 from stylize.server.engine.optimizers import LBFGSStepper
 from stylize.server.engine.options import DEFAULTS, Limits, OptionsError, StyleOptions
-from stylize.server.engine.records import Cancelled, Progress, Result
+from stylize.server.engine.records import Cancelled, Progress, Result, Started
 from stylize.server.engine.run import stylize
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
@@ -64,8 +64,10 @@ def small(**changes: object) -> StyleOptions:
 
 def run(content, styles, options, extractor, **kwargs) -> tuple[list[Progress], Result]:
     records = list(stylize(content, styles, options, extractor, device=CPU, **kwargs))
-    *progress, result = records
+    started, *progress, result = records
+    assert isinstance(started, Started) and started.precision in ("fp32", "bf16")
     assert isinstance(result, Result) and all(isinstance(p, Progress) for p in progress)
+    assert started.iterations_total == result.iterations
     return progress, result
 
 
@@ -161,6 +163,7 @@ def test_cancellation_stops_within_one_iteration(content, style, extractor) -> N
     jobs: Iterator = stylize(
         content, [(style, 1.0)], small(initial_iterations=50), extractor, device=CPU, cancel=cancel
     )
+    assert isinstance(next(jobs), Started)
     seen = []
     with pytest.raises(Cancelled):
         for record in jobs:

@@ -25,6 +25,7 @@ from serverproc import (
     sample,
     scrape,
     stylize_request,
+    wait_until,
 )
 
 from stylize.client.errors import field_violations
@@ -70,6 +71,8 @@ def test_stylize_streams_queued_started_progress_previews_and_a_decodable_result
     assert started.device == "cpu" and started.iterations_total == 6
     assert [(s.width, s.height) for s in started.scales] == [(64, 64)]
     assert started.targets_backend == "onnxruntime:CPUExecutionProvider"
+    # The request leaves precision at AUTO: what it resolved to on this CPU, never "auto" itself.
+    assert started.precision in ("fp32", "bf16") and started.precision_reason and not started.warnings
     progress = [event.progress for event in events[2:-1]]
     assert [p.iteration for p in progress] == [1, 2, 3, 4, 5, 6]
     assert all(p.iterations_total == 6 and p.scales == 1 and p.losses.total > 0 for p in progress)
@@ -158,6 +161,9 @@ def test_a_caller_that_cancels_its_stream_cancels_the_job(stub) -> None:
             break
     seen = event.progress.iteration
     call.cancel()
+    # A watcher that subscribed before the server saw the caller leave would keep the job alive (a job
+    # with watchers is not cancelled), so watch only once the worker is free.
+    wait_until(lambda: stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).queue.running == 0, 60)
     last, code = final_iteration(stub, event.job_id)
     assert code == grpc.StatusCode.CANCELLED and last <= seen + CANCEL_SLACK
     follow_up, code = collect(stub.Stylize(stylize_request(SMALL), timeout=CALL_TIMEOUT))
@@ -282,6 +288,9 @@ def test_server_info_reports_model_providers_parity_limits_queue_and_defaults(st
     assert info.default_options.optimizer == pb.OPTIMIZER_LBFGS
     assert info.default_options.style_layers[0].layer == "relu1_1"
     assert "conv3_1" in info.available_layers
+    [device] = info.devices
+    assert device.device == "cpu" and device.auto_precision in ("fp32", "bf16")
+    assert "probe" in device.auto_precision_reason or "no bf16 hardware" in device.auto_precision_reason
 
 
 def test_metrics_after_a_job_show_jobs_queue_iterations_parity_and_grpc(server, stub) -> None:
@@ -305,6 +314,9 @@ def test_metrics_after_a_job_show_jobs_queue_iterations_parity_and_grpc(server, 
     assert sample(samples, "stylize_parity_passed") == 1
     assert sample(samples, "stylize_serving") == 1
     assert sample(samples, "stylize_build_info") == 1
+    auto = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).devices[0].auto_precision
+    assert sample(samples, "stylize_device_info", device="cpu", auto_precision=auto) == 1
+    assert sample(samples, "stylize_job_precision_total", device="cpu", precision=auto) >= 1
     assert (
         sample(
             samples, "stylize_model_info", weights="random", providers="CPUExecutionProvider", device="cpu"

@@ -19,7 +19,7 @@ from stylize.server.codec import decode_image
 from stylize.server.config import ENV_PREFIX, build_parser, parse_config
 from stylize.server.engine.imageio import tensor_to_pil
 from stylize.server.engine.options import DEFAULT_LIMITS, DEFAULTS, Optimizer, OptionsError, Pooling
-from stylize.server.engine.records import Cancelled, Losses, Progress, Result
+from stylize.server.engine.records import Cancelled, Losses, Progress, Result, Started
 from stylize.server.metrics import ServiceMetrics, go_code_name, new_registry
 from stylize.v1 import stylize_pb2 as pb
 
@@ -40,11 +40,12 @@ class FakeEngine:
     def device_name(self, worker: int) -> str:
         return "cpu"
 
-    def run(self, request, cancel, worker) -> tuple[str, Iterator[Progress | Result]]:
+    def run(self, request, cancel, worker) -> tuple[str, Iterator[Started | Progress | Result]]:
         return "fake", self._records(cancel)
 
-    def _records(self, cancel: threading.Event) -> Iterator[Progress | Result]:
+    def _records(self, cancel: threading.Event) -> Iterator[Started | Progress | Result]:
         image = torch.full((3, 8, 8), 0.5)
+        yield Started(((8, 8),), self.iterations, "fp32", "fake")
         for iteration in range(1, self.iterations + 1):
             self.step.wait(10)
             if cancel.is_set():

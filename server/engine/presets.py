@@ -181,7 +181,8 @@ FAST_PREVIEW = Preset(
         # Measured (bench/presets.py, 256 px, scored by the default objective): coarse-to-fine in x2 steps
         # with L-BFGS 40 + 20 per later scale reaches a loss within 16% of the defaults' 600 iterations
         # with 7x fewer pixel-iterations; 20 + 10 ends 3x worse, 60 + 30 only 7% better for 45% more time;
-        # Adam and single-scale runs of the same time end 3-6x worse. bf16: the same loss as fp32.
+        # Adam and single-scale runs of the same time end 3-6x worse. AUTO: bf16 (the same loss as fp32)
+        # only where the hardware has it and it is faster.
         size=512,
         min_size=128,
         scale_factor=2.0,
@@ -206,7 +207,7 @@ FAST_PREVIEW = Preset(
         backbone=Backbone.VGG19,
         pooling=Pooling.MAX,
         padding=Padding.ZEROS,
-        precision=Precision.BF16,
+        precision=Precision.AUTO,
     ),
     "ours: the least time to a usable picture (bench/presets.py)",
 )

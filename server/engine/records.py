@@ -18,6 +18,20 @@ class Losses:
 
 
 @dataclass(frozen=True)
+class Started:
+    """The job's plan, the first record of every job: what runs, before any iteration does."""
+
+    # (width, height) of each scale, coarse to fine.
+    scales: tuple[tuple[int, int], ...]
+    iterations_total: int
+    # The precision the network really runs in ("fp32" or "bf16"; never "auto"), and why.
+    precision: str
+    precision_reason: str
+    # Things the caller should know, such as bf16 asked for on hardware that emulates it.
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Progress:
     """One optimizer iteration. `image` (3 x H x W, float in [0, 1], on the CPU) is set only
     when a preview was due at this iteration."""

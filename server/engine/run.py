@@ -16,13 +16,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stylize.server.engine import color, schedule
+from stylize.server.engine import color, precision, schedule
 from stylize.server.engine.init import initial_image
 from stylize.server.engine.losses import STYLE_LOSSES, ContentLoss, LayerSum, Objective, blend
 from stylize.server.engine.optimizers import AdamStepper, LBFGSStepper, Stepper
@@ -35,14 +34,14 @@ from stylize.server.engine.options import (
     Limits,
     Optimizer,
     OptionsError,
+    Precision,
     StyleOptions,
     StyleResize,
     downsampling,
     validate,
     with_canonical_layers,
 )
-from stylize.server.engine.precision import network_autocast, network_dtype
-from stylize.server.engine.records import Cancelled, Losses, Progress, Result
+from stylize.server.engine.records import Cancelled, Losses, Progress, Result, Started
 
 # Forward-only features of the configured layers for a [1, 3, H, W] RGB batch in [0, 1]
 # (on the engine's device); the returned tensors may live on any device.
@@ -72,13 +71,14 @@ def stylize(
     cancel: threading.Event | None = None,
     limits: Limits = DEFAULT_LIMITS,
     progress_every: int = 1,
-) -> Iterator[Progress | Result]:
+) -> Iterator[Started | Progress | Result]:
     """Validate at once (OptionsError naming the fields), then return the generator of the job.
 
     content: [3, H, W] RGB float in [0, 1]; styles: (image [3, h, w], blend weight) pairs.
-    The generator yields a Progress per iteration (every `progress_every`-th, and always the
-    last of each scale and any iteration with a preview due), its `image` set when
-    `preview_every` divides the 1-based iteration, then one Result. It raises Cancelled within
+    The generator yields a Started record (the plan and the precision), then a Progress per
+    iteration (every `progress_every`-th, and always the last of each scale and any iteration
+    with a preview due), its `image` set when `preview_every` divides the 1-based iteration,
+    then one Result. It raises Cancelled within
     one iteration of `cancel` being set. `targets`, when given, must compute the same features
     as `extractor` configured with the job's pooling and padding; layers it does not return
     come from the torch extractor. The extractor's parameters are moved to `device`; its `arch`
@@ -118,15 +118,6 @@ def _image_violations(content: Tensor, styles: Sequence[tuple[Tensor, float]]) -
         for name, image in images
         if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point() or image.numel() == 0
     ]
-
-
-def _parameters_as(network: Extractor, dtype: torch.dtype) -> Extractor:
-    """A copy of the network whose parameters (not buffers: the input normalization stays
-    float32) are `dtype`."""
-    copy = deepcopy(network)
-    for parameter in copy.parameters():
-        parameter.data = parameter.data.to(dtype)
-    return copy
 
 
 def _resize(image: Tensor, height: int, width: int) -> Tensor:
@@ -170,10 +161,11 @@ class _Job:
             if self.layers
             else None
         )
+        self.precision = precision.resolve(Precision(o.precision), device, extractor.to(device))
         self.network = self.target_network
-        if self.network is not None and network_dtype(o.precision, device) != torch.float32:
-            self.network = _parameters_as(self.network, network_dtype(o.precision, device))
-        self.autocast = lambda: network_autocast(o.precision, device)
+        if self.network is not None:
+            self.network = self.network.with_dtype(self.precision.dtype)
+        self.autocast = lambda: precision.autocast(self.precision.precision, device)
         self.smallest = max((downsampling(name, o.backbone) for name in self.layers), default=1)
 
         self.content = content.to(device, torch.float32)[None]
@@ -286,11 +278,18 @@ class _Job:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("the job was cancelled")
 
-    def run(self, preview_every: int, progress_every: int) -> Iterator[Progress | Result]:
+    def run(self, preview_every: int, progress_every: int) -> Iterator[Started | Progress | Result]:
         o = self.options
         start = time.perf_counter()
         plan = schedule.plan_for(o, (self.content.shape[-1], self.content.shape[-2]))
         iterations_total = sum(scale.iterations for scale in plan)
+        yield Started(
+            scales=tuple((scale.width, scale.height) for scale in plan),
+            iterations_total=iterations_total,
+            precision=self.precision.precision.value,
+            precision_reason=self.precision.reason,
+            warnings=(self.precision.warning,) if self.precision.warning else (),
+        )
         work_total = sum(scale.iterations * scale.pixels for scale in plan)
         work_done = 0
         iteration = 0

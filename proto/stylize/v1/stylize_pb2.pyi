@@ -290,16 +290,22 @@ class Queued(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("device", "scales", "iterations_total", "targets_backend")
+    __slots__ = ("device", "scales", "iterations_total", "targets_backend", "precision", "precision_reason", "warnings")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     TARGETS_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     device: str
     scales: _containers.RepeatedCompositeFieldContainer[Size]
     iterations_total: int
     targets_backend: str
-    def __init__(self, device: _Optional[str] = ..., scales: _Optional[_Iterable[_Union[Size, _Mapping]]] = ..., iterations_total: _Optional[int] = ..., targets_backend: _Optional[str] = ...) -> None: ...
+    precision: str
+    precision_reason: str
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[str] = ..., scales: _Optional[_Iterable[_Union[Size, _Mapping]]] = ..., iterations_total: _Optional[int] = ..., targets_backend: _Optional[str] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Size(_message.Message):
     __slots__ = ("width", "height")
@@ -368,7 +374,7 @@ class EncodedImage(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "providers", "device", "parity", "limits", "queue", "default_options", "available_layers", "models")
+    __slots__ = ("version", "model", "providers", "device", "parity", "limits", "queue", "default_options", "available_layers", "models", "devices")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
@@ -379,6 +385,7 @@ class ServerInfo(_message.Message):
     DEFAULT_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: ModelInfo
     providers: _containers.RepeatedScalarFieldContainer[str]
@@ -389,7 +396,18 @@ class ServerInfo(_message.Message):
     default_options: StyleOptions
     available_layers: _containers.RepeatedScalarFieldContainer[str]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., queue: _Optional[_Union[QueueState, _Mapping]] = ..., default_options: _Optional[_Union[StyleOptions, _Mapping]] = ..., available_layers: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., queue: _Optional[_Union[QueueState, _Mapping]] = ..., default_options: _Optional[_Union[StyleOptions, _Mapping]] = ..., available_layers: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ...) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("device", "auto_precision", "auto_precision_reason")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    AUTO_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    AUTO_PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    auto_precision: str
+    auto_precision_reason: str
+    def __init__(self, device: _Optional[str] = ..., auto_precision: _Optional[str] = ..., auto_precision_reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("arch", "weights", "weights_sha256", "onnx_sha256", "layers", "pooling", "opset", "manifest_json", "parity", "available_layers")
