@@ -30,9 +30,13 @@ weights: venv
 demo: venv weights
 	$(PY) scripts/demo.py --weights $(WEIGHTS) --model-dir $(MODEL_DIR) --out $(OUT)
 
+# The engine and precision tests run twice: once on this CPU, once on an imitated AVX2-only CPU without
+# bf16 (oneDNN's and ATen's documented switches), so a machine with bf16 hardware also runs that path.
+AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 test: venv weights
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+	$(AVX2_ONLY) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_engine_precision.py tests/test_engine_run.py
 
 lint: venv
 	$(VENV)/bin/ruff check .
