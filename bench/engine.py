@@ -5,12 +5,13 @@
 
 Prints one JSON document on stdout and a short table on stderr. What it measures:
 
-- per edge (square image, 128/256/512 px), per precision (fp32, bf16) and optimizer (Adam,
-  L-BFGS): the median wall time of one iteration through the real loop (`stylize`'s
-  generator: forward, losses, backward, step, one Progress record), after warm-up
-  iterations. The four configurations of an edge run interleaved, one iteration each in
-  turn, so a neighbour's load on a shared machine hits them alike and the bf16/fp32
-  ratios stay fair even when the absolute times are noisy;
+- per edge (square image, 128/256/512 px), per precision (fp32, bf16, auto and what it resolved
+  to) and optimizer (Adam, L-BFGS): the median wall time of one iteration through the real loop
+  (`stylize`'s generator: forward, losses, backward, step, one Progress record), after warm-up
+  iterations, and the same for the minimal plain-torch loop of bench/baseline.py (same weights,
+  layers and style weight) as the baseline row. All configurations of an edge run interleaved,
+  one iteration each in turn, so a neighbour's load on a shared machine hits them alike and the
+  bf16/fp32 and engine/baseline ratios stay fair even when the absolute times are noisy;
 - a coarse-to-fine run against a single-scale run with the same total iterations at
   256 px: time and the final losses (evaluated at the final 256 px image).
 
@@ -31,12 +32,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from bench import baseline
 from bench.machine import machine_info
 from stylize.export.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine import schedule
 from stylize.server.engine.imageio import pil_to_tensor
-from stylize.server.engine.options import DEFAULTS, StyleOptions
-from stylize.server.engine.records import Progress, Result
+from stylize.server.engine.options import DEFAULTS, Precision, StyleOptions
+from stylize.server.engine.precision import resolve as resolve_precision
+from stylize.server.engine.records import Result, Started
 from stylize.server.engine.run import stylize
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
@@ -54,21 +57,36 @@ def load(name: str) -> torch.Tensor:
     return pil_to_tensor(Image.open(SAMPLES / name))
 
 
-def iteration_times(
-    configs: dict[str, StyleOptions], content, style, extractor, device, warmup: int, measured: int
-) -> dict[str, list[float]]:
-    """Step the jobs of `configs` round-robin, one iteration each in turn; seconds per iteration."""
-    jobs: dict[str, Iterator] = {
-        name: stylize(content, [(style, 1.0)], options, extractor, device=device)
-        for name, options in configs.items()
-    }
-    times: dict[str, list[float]] = {name: [] for name in configs}
+def engine_iterations(content, style, options: StyleOptions, extractor, device) -> tuple[str, Iterator]:
+    """(the precision the job really runs in, its iterations: one Progress per next())."""
+    job = stylize(content, [(style, 1.0)], options, extractor, device=device)
+    started = next(job)
+    assert isinstance(started, Started)
+    return started.precision, job
+
+
+def baseline_iterations(content, style, optimizer: str, extractor, device) -> Iterator:
+    return baseline.iterations(
+        content[None].to(device),
+        style[None].to(device),
+        extractor,
+        content_layers=[name for name, _ in DEFAULTS.content_layers],
+        style_layers=[name for name, _ in DEFAULTS.style_layers],
+        style_weight=DEFAULTS.style_weight,
+        optimizer=optimizer,
+        learning_rate=DEFAULTS.learning_rate,
+        history=DEFAULTS.lbfgs_history,
+    )
+
+
+def iteration_times(jobs: dict[str, Iterator], warmup: int, measured: int) -> dict[str, list[float]]:
+    """Step the jobs round-robin, one iteration each in turn; seconds per iteration."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
     for step in range(warmup + measured):
         for name, job in jobs.items():
             start = time.perf_counter()
-            record = next(job)
+            next(job)
             elapsed = time.perf_counter() - start
-            assert isinstance(record, Progress)
             if step >= warmup:
                 times[name].append(elapsed)
     for job in jobs.values():
@@ -76,54 +94,85 @@ def iteration_times(
     return times
 
 
-def speed_table(edges, content, style, extractor, device, warmup, measured) -> tuple[list[dict], dict]:
-    rows, speedups = [], {}
+PRECISIONS = ("fp32", "bf16", "auto")
+OPTIMIZERS = ("adam", "lbfgs")
+
+
+def speed_table(edges, content, style, extractor, device, warmup, measured) -> tuple[list[dict], dict, dict]:
+    """Per edge: the engine in each precision and optimizer and the minimal loop (bench/baseline.py), all
+    interleaved. The engine runs without its total-variation term, so both optimize the same objective."""
+    rows, speedups, ratios = [], {}, {}
     for edge in edges:
-        configs = {
-            (precision, optimizer): dataclasses.replace(
-                DEFAULTS,
-                size=edge,
-                min_size=edge,
-                initial_iterations=warmup + measured + 1,
-                precision=precision,
-                optimizer=optimizer,
-            )
-            for optimizer in ("adam", "lbfgs")
-            for precision in ("fp32", "bf16")
-        }
-        named = {f"{p}/{o}": options for (p, o), options in configs.items()}
-        times = iteration_times(named, content, style, extractor, device, warmup, measured)
-        width, height = schedule.fit(edge, (content.shape[2], content.shape[1]))
+        cropped = _resize(content, edge)
+        jobs: dict[str, Iterator] = {}
+        resolved: dict[str, str] = {}
+        for precision in PRECISIONS:
+            for optimizer in OPTIMIZERS:
+                options = dataclasses.replace(
+                    DEFAULTS,
+                    size=edge,
+                    min_size=edge,
+                    initial_iterations=warmup + measured + 1,
+                    tv_weight=0.0,
+                    precision=precision,
+                    optimizer=optimizer,
+                )
+                name = f"engine {precision}/{optimizer}"
+                resolved[name], jobs[name] = engine_iterations(cropped, style, options, extractor, device)
+        for optimizer in OPTIMIZERS:
+            name = f"baseline fp32/{optimizer}"
+            resolved[name] = "fp32"
+            jobs[name] = baseline_iterations(cropped, style, optimizer, extractor, device)
+        times = iteration_times(jobs, warmup, measured)
+        width, height = cropped.shape[2], cropped.shape[1]
         medians = {}
-        for (precision, optimizer), _ in configs.items():
-            samples = times[f"{precision}/{optimizer}"]
+        for name, samples in times.items():
+            program, setting = name.split()
+            precision, optimizer = setting.split("/")
             seconds = statistics.median(samples)
-            medians[precision, optimizer] = seconds
+            medians[name] = seconds
             rows.append(
                 {
                     "edge": edge,
                     "width": width,
                     "height": height,
+                    "program": program,
                     "precision": precision,
+                    "resolved_precision": resolved[name],
                     "optimizer": optimizer,
                     "seconds_per_iteration": round(seconds, 5),
                     "pixel_iterations_per_second": round(width * height / seconds),
                     "samples": len(samples),
                     "min_seconds": round(min(samples), 5),
+                    "max_seconds": round(max(samples), 5),
                 }
             )
             print(
-                f"{edge:5d} px  {precision:5s} {optimizer:6s} {seconds:8.4f} s/it  "
+                f"{edge:5d} px  {name:22s} ({resolved[name]}) {seconds:8.4f} s/it  "
                 f"{width * height / seconds / 1e6:7.3f} Mpx-it/s",
                 file=sys.stderr,
                 flush=True,
             )
         speedups[str(edge)] = {
-            optimizer: round(medians["fp32", optimizer] / medians["bf16", optimizer], 3)
-            for optimizer in ("adam", "lbfgs")
+            o: round(medians[f"engine fp32/{o}"] / medians[f"engine bf16/{o}"], 3) for o in OPTIMIZERS
         }
-        print(f"{edge:5d} px  bf16 speed-up over fp32: {speedups[str(edge)]}", file=sys.stderr, flush=True)
-    return rows, speedups
+        ratios[str(edge)] = {
+            o: round(medians[f"engine fp32/{o}"] / medians[f"baseline fp32/{o}"], 3) for o in OPTIMIZERS
+        }
+        print(
+            f"{edge:5d} px  bf16 speed-up over fp32: {speedups[str(edge)]}; "
+            f"engine/baseline in fp32: {ratios[str(edge)]}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows, speedups, ratios
+
+
+def _resize(image: torch.Tensor, edge: int) -> torch.Tensor:
+    """The square crop at edge x edge pixels."""
+    return torch.nn.functional.interpolate(
+        image[None], size=(edge, edge), mode="bicubic", antialias=True
+    )[0].clamp(0, 1)
 
 
 def finish(options: StyleOptions, content, style, extractor, device) -> dict:
@@ -183,7 +232,7 @@ def main() -> int:
     host = machine_info()
     extractor = VGGFeatures().load_weights(random_state_dict(0)).to(device)
     content, style = square(load("chelsea.png")), load("hubble_deep_field.jpg")
-    rows, speedups = speed_table(edges, content, style, extractor, device, warmup, measured)
+    rows, speedups, ratios = speed_table(edges, content, style, extractor, device, warmup, measured)
     multiscale = multiscale_comparison(256, total, content, style, extractor, device)
     json.dump(
         {
@@ -198,6 +247,10 @@ def main() -> int:
             },
             "iteration": rows,
             "bf16_speedup": speedups,
+            "engine_over_baseline_fp32": ratios,
+            "auto_precision": {
+                str(device): dataclasses.asdict(resolve_precision(Precision.AUTO, device, extractor))
+            },
             "multiscale_vs_single_scale": multiscale,
         },
         sys.stdout,

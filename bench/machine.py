@@ -88,8 +88,15 @@ def machine_info() -> dict[str, object]:
     import onnxruntime
     import torch
 
+    from stylize.server.engine.precision import CPU_BF16_FLAGS, cpu_flags
+
+    flags = cpu_flags() or frozenset()
     return {
         "cpu_model": cpu_model(),
+        # torch's view (ATEN_CPU_CAPABILITY lowers it), and the native bf16 instructions the CPU has.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_flags": [flag for flag in CPU_BF16_FLAGS if flag in flags],
+        "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "cpu_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "memory_bytes": memory_total_bytes(),
@@ -108,8 +115,10 @@ def machine_info() -> dict[str, object]:
 def describe(info: dict[str, object]) -> str:
     """One line for the stderr tables."""
     gpu_names = ", ".join(str(gpu["name"]) for gpu in info["gpus"]) or "no GPU"
+    bf16 = "+".join(info["cpu_bf16_flags"]) or "none"
     return (
-        f"{info['cpu_model']}, {info['cpu_cores']} cores, {gpu_names}; torch {info['torch']}, "
+        f"{info['cpu_model']} ({info['cpu_capability']}, bf16: {bf16}), "
+        f"{info['cpu_cores']} cores, {gpu_names}; torch {info['torch']}, "
         f"onnxruntime {info['onnxruntime']}; load {info['load_average_1m']}"
     )
 
