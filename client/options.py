@@ -271,10 +271,6 @@ def style_options_from_proto(message: stylize_pb2.StyleOptions) -> dict[str, obj
     return _from_proto(message, STYLE_OPTIONS)
 
 
-def preview_options_from_proto(message: stylize_pb2.PreviewOptions) -> dict[str, object]:
-    return _from_proto(message, PREVIEW_OPTIONS)
-
-
 def check_preset(name: object) -> str:
     """The preset name as the request carries it ("" for none); InvalidArgument naming "preset"."""
     if name is None or name == "":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -123,8 +122,8 @@ class Job:
         self.owned_by_call = owned_by_call
         self.state = pb.JOB_STATE_QUEUED
         self.accepted_at = time.monotonic()
-        self.started_at: float | None = None
         self.finished_at: float | None = None
+        self._done = asyncio.Event()
         self.cancel = threading.Event()
         self.cancel_status: JobStatus | None = None
         # Set when the job failed or was cancelled: how watchers' streams end.
@@ -176,6 +175,12 @@ class Job:
         for subscription in self._subscriptions:
             subscription.close()
         self._subscriptions.clear()
+        self._done.set()
+
+    async def wait_finished(self) -> int:
+        """The final state, once the job has one."""
+        await self._done.wait()
+        return self.state
 
     def subscribe(self) -> Subscription:
         """A watcher starting from the current state: the history so far, then live events."""
@@ -337,9 +342,12 @@ class JobManager:
             self._idle.set()
 
     def _call_soon(self, callback: Callable[..., object], *args: object) -> None:
-        # RuntimeError: the loop closed under us during shutdown; nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
+        try:
             self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            if not self._loop.is_closed():
+                raise
+            # The loop closed under us during shutdown; nobody is listening any more.
 
     # ------------------------------------------------------------ worker side
 
@@ -402,8 +410,10 @@ class JobManager:
                     ),
                     None,
                 )
+            # The exception's text stays in the log: it can hold paths and internals, not for callers.
             log.exception("job %s failed", job.id)
-            return pb.JOB_STATE_FAILED, JobStatus(grpc.StatusCode.INTERNAL, f"job failed: {error}"), None
+            status = JobStatus(grpc.StatusCode.INTERNAL, f"job {job.id} failed: internal error (see the log)")
+            return pb.JOB_STATE_FAILED, status, None
         finally:
             self._metrics.in_progress.dec()
             self._metrics.job_duration.observe(time.monotonic() - started)

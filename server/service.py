@@ -191,8 +191,9 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext):
         job = await self._find(request.job_id, context)
         self._manager().cancel(job, JobStatus(grpc.StatusCode.CANCELLED, "cancelled by CancelJob"))
-        state = job.state if job.finished else pb.JOB_STATE_CANCELLED
-        return pb.CancelJobResponse(state=state)
+        # A running job stops within one iteration, or completes when it was already past its last
+        # iteration: answer what its watchers see, not what was asked.
+        return pb.CancelJobResponse(state=await job.wait_finished())
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext):
         runtime, manager = self._runtime(), self._manager()

@@ -169,3 +169,10 @@ def test_with_chroma_keeps_the_content_chroma() -> None:
     out = color.with_chroma(y, content)
     assert torch.allclose(color.rgb_to_ycbcr(out)[1:], color.rgb_to_ycbcr(content)[1:], atol=1e-5)
     assert torch.allclose(color.luminance(out), y, atol=1e-5)
+
+
+def test_colour_statistics_stay_on_the_image_device() -> None:
+    """Every tensor match_colors builds lives on the image's device (a CPU constant breaks CUDA jobs);
+    the meta device shows it without a GPU."""
+    mean, covariance = color._moments(torch.empty(3, 4, 4, device="meta"))
+    assert mean.device.type == covariance.device.type == "meta"

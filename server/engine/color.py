@@ -82,7 +82,8 @@ def _moments(image: Tensor) -> tuple[Tensor, Tensor]:
     mean = pixels.mean(1)
     centred = pixels - mean[:, None]
     # A little regularization keeps flat (single-colour) images invertible.
-    covariance = centred @ centred.T / pixels.shape[1] + torch.eye(3, dtype=torch.float64) * 1e-6
+    regularization = torch.eye(3, dtype=torch.float64, device=pixels.device) * 1e-6
+    covariance = centred @ centred.T / pixels.shape[1] + regularization
     return mean, covariance
 
 
