@@ -44,6 +44,9 @@ SPEED_SMOOTHING = 0.2
 FINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
 SHUTDOWN = JobStatus(grpc.StatusCode.UNAVAILABLE, "server shutting down")
+# After the grace period, how long cancelled jobs get to stop: one iteration, which at the largest sizes on
+# a CPU takes seconds.
+CANCEL_WAIT_SECONDS = 10.0
 
 
 class Rejected(Exception):
@@ -308,7 +311,7 @@ class JobManager:
         scales = schedule.plan_for(options, request.content.size)
         return speed * sum(scale.pixels * scale.iterations for scale in scales)
 
-    async def drain(self, grace_seconds: float, cancel_wait_seconds: float = 30.0) -> None:
+    async def drain(self, grace_seconds: float, cancel_wait_seconds: float = CANCEL_WAIT_SECONDS) -> None:
         """Refuse new jobs, let queued and running ones finish for `grace_seconds` (or until end_grace()),
         then cancel the rest."""
         self.draining = True

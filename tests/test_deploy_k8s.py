@@ -19,6 +19,8 @@ import yaml
 from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 
 from stylize.server.config import build_parser
+from stylize.server.jobs import CANCEL_WAIT_SECONDS
+from stylize.server.main import STOP_GRACE_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -160,7 +162,9 @@ def test_termination_grace_outlasts_the_server_drain(overlay: str) -> None:
     container = server_container(render(overlay))
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = float(env_of(container)["STYLIZE_GRACE_SECONDS"])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + grace
+    # The worst case: preStop, the grace period, cancelled jobs stopping, streams delivering their status.
+    worst = pre_stop + grace + CANCEL_WAIT_SECONDS + STOP_GRACE_SECONDS
+    assert pod["terminationGracePeriodSeconds"] > worst
     # Draining reports NOT_SERVING: liveness must not give up before the grace period is over.
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > pod["terminationGracePeriodSeconds"]
