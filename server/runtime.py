@@ -233,12 +233,13 @@ class OrtTargets:
 
 @dataclass(frozen=True)
 class Model:
-    """One artifact being served: its torch extractors (one per worker), ONNX Runtime session and parity."""
+    """One artifact being served: per worker its torch extractor and ONNX Runtime session (workers on
+    the same device share both), and the parity of every device's pair."""
 
     artifact: Artifact
     onnx_sha256: str
     extractors: tuple[VGGFeatures, ...]
-    session: ort.InferenceSession
+    sessions: tuple[ort.InferenceSession, ...]
     parity: ParityReport
 
     @property
@@ -247,7 +248,7 @@ class Model:
 
     @property
     def providers(self) -> list[str]:
-        return self.session.get_providers()
+        return self.sessions[0].get_providers()
 
 
 class Runtime:
@@ -267,9 +268,8 @@ class Runtime:
         self.devices = resolve_devices(config.device, config.workers)
         self.threads = intra_op_threads(config)
         torch.set_num_threads(self.threads)
-        chain = provider_chain(config, self.devices[0])
         self.models: dict[Backbone, Model] = {
-            arch: self._load(artifact, chain) for arch, artifact in artifacts.items()
+            arch: self._load(artifact) for arch, artifact in artifacts.items()
         }
         # The model of the default backbone when it is served, else the only one: what ServerInfo.model shows.
         self.default = self.models.get(DEFAULTS.backbone) or next(iter(self.models.values()))
@@ -279,20 +279,42 @@ class Runtime:
             for device, extractor in zip(self.devices, self.default.extractors, strict=True)
         }
 
-    def _load(self, artifact: Artifact, chain: list[tuple[str, dict[str, str]]]) -> Model:
-        # One extractor per distinct device; workers on the same device share it (forward is re-entrant).
-        extractors: dict[torch.device, VGGFeatures] = {}
+    def _load(self, artifact: Artifact) -> Model:
+        # One extractor and one ONNX Runtime session per distinct device, shared by that device's workers
+        # (both are re-entrant): each worker's targets are computed on its own GPU.
+        pairs: dict[torch.device, tuple[VGGFeatures, ort.InferenceSession]] = {}
+        explicit = self.config.providers != ("auto",)
         for device in self.devices:
-            if device not in extractors:
-                extractors[device] = artifact.build_extractor().to(device).eval()
-        session = open_session(artifact.onnx_path, chain, explicit=self.config.providers != ("auto",))
-        worker_extractors = tuple(extractors[device] for device in self.devices)
-        parity = self._check_parity(artifact.manifest.arch, session, worker_extractors[0])
-        return Model(artifact, file_sha256(artifact.onnx_path), worker_extractors, session, parity)
+            if device not in pairs:
+                chain = provider_chain(self.config, device)
+                pairs[device] = (
+                    artifact.build_extractor().to(device).eval(),
+                    open_session(artifact.onnx_path, chain, explicit=explicit),
+                )
+        parity = self._check_parity(artifact.manifest.arch, pairs)
+        return Model(
+            artifact,
+            file_sha256(artifact.onnx_path),
+            tuple(pairs[device][0] for device in self.devices),
+            tuple(pairs[device][1] for device in self.devices),
+            parity,
+        )
 
-    def _check_parity(self, arch: str, session: ort.InferenceSession, extractor: VGGFeatures) -> ParityReport:
+    def _check_parity(
+        self, arch: str, pairs: dict[torch.device, tuple[VGGFeatures, ort.InferenceSession]]
+    ) -> ParityReport:
+        """Every device's session against its torch extractor; the report keeps each row's worst error."""
         tolerance = self.config.parity_tolerance
-        passed, candidate, rows = run_parity_probe(session, extractor, self.devices[0], tolerance)
+        worst: dict[tuple[str, str], ParityRow] = {}
+        passed, candidate = True, ""
+        for device, (extractor, session) in pairs.items():
+            device_passed, candidate, rows = run_parity_probe(session, extractor, device, tolerance)
+            passed = passed and device_passed
+            for row in rows:
+                key = (row.layer, row.quantity)
+                if key not in worst or not row.relative_error <= worst[key].relative_error:  # NaN wins
+                    worst[key] = row
+        rows = list(worst.values())
         table = format_table(rows, tolerance)
         if passed:
             log.info("%s parity probe passed (%s vs torch):\n%s", arch, candidate, table)
@@ -341,7 +363,8 @@ class Runtime:
         )
         if not use_ort:
             return None, TORCH_BACKEND
-        return OrtTargets(model.session, layers, self.devices[worker]), f"onnxruntime:{model.providers[0]}"
+        session = model.sessions[worker]
+        return OrtTargets(session, layers, self.devices[worker]), f"onnxruntime:{session.get_providers()[0]}"
 
     # ------------------------------------------------------------ jobs.Executor
 
