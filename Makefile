@@ -11,7 +11,7 @@ OUT ?= out
 # tests and the demo.
 WEIGHTS_CACHE ?= $(CURDIR)/.cache/weights
 
-.PHONY: venv weights demo test lint proto bench clean
+.PHONY: venv weights tools demo test lint proto bench clean
 
 # One venv for everything; reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -33,7 +33,11 @@ demo: venv weights
 # The engine and precision tests run twice: once on this CPU, once on an imitated AVX2-only CPU without
 # bf16 (oneDNN's and ATen's documented switches), so a machine with bf16 hardware also runs that path.
 AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
-test: venv weights
+# The deploy tests' tools (Debian's prometheus, a kubectl with kustomize v5), installed before pytest runs.
+tools:
+	bash deploy/tools/ensure-tools.sh kubectl prometheus promtool > /dev/null
+
+test: venv weights tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 	$(AVX2_ONLY) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_engine_precision.py tests/test_engine_run.py

