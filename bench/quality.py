@@ -77,9 +77,9 @@ def candidates(edge: int) -> dict[str, StyleOptions]:
     """The engine's defaults, the old defaults (sw 100, tv 10, the random-weights choice), a style-weight
     sweep with tv 10, a tv sweep at the lower style weights, and the presets."""
     found = {"defaults": DEFAULTS}
-    for sw in (100, 30, 10, 5, 3, 1, 0.3, 0.1):
+    for sw in (100, 30, 10, 7, 5, 3, 1, 0.3, 0.1):
         found[f"sw {sw:g} tv 10"] = weights(sw, 10.0)
-    for sw in (3, 1):
+    for sw in (10, 5, 3, 1):
         for tv in (0, 1):
             found[f"sw {sw:g} tv {tv:g}"] = weights(sw, float(tv))
     for name in ("fast-preview", "quality", "gatys2016", "keras-vgg19-adam"):
@@ -256,8 +256,11 @@ def medians(rows: list[dict]) -> dict[str, dict[str, float]]:
     }
 
 
-def plot(summary: dict[str, dict[str, float]], path: Path, highlight: str | None) -> None:
-    """Content error (x) against mean style error (y), one labelled point per candidate, in plain PIL."""
+def plot(
+    summary: dict[str, dict[str, float]], path: Path, highlight: str | None, bound: float | None = None
+) -> None:
+    """Content error (x) against mean style error (y), one labelled point per candidate, in plain PIL;
+    `bound`, a content error, drawn as a vertical line."""
     width, height, margin = 760, 520, 60
     xs = [s["content_error"] for s in summary.values()]
     ys = [s["style_error"] for s in summary.values()]
@@ -284,6 +287,11 @@ def plot(summary: dict[str, dict[str, float]], path: Path, highlight: str | None
     x_label = "content error (relu4_2, relative; median over pairs)"
     draw.text((width // 2 - 150, height - 22), x_label, fill="black")
     draw.text((8, 8), "mean style error (Gram relu1_1..relu5_1, relative; median over pairs)", fill="black")
+    if bound is not None:
+        bx, _ = at(bound, y0)
+        for top in range(margin, height - margin, 12):
+            draw.line([bx, top, bx, min(top + 6, height - margin)], fill="gray")
+        draw.text((bx + 4, margin + 4), f"content bound {bound:g}", fill="gray")
     for name, s in summary.items():
         px, py = at(s["content_error"], s["style_error"])
         colour = "red" if name == highlight else ("blue" if name.startswith("sw ") else "darkgreen")
@@ -295,8 +303,21 @@ def plot(summary: dict[str, dict[str, float]], path: Path, highlight: str | None
 
 def main_merge(args) -> int:
     reports = [json.loads(Path(p).read_text()) for p in args.merge]
-    rows = [row for report in reports for row in report["results"]]
+    # A candidate run twice on a pair (a later run topping up an earlier one) counts once: the last run.
+    latest = {(row["candidate"], row["pair"]): row for report in reports for row in report["results"]}
+    rows = list(latest.values())
+    lost = {row["pair"]: row["style_content_error"] for row in rows if "style_content_error" in row}
+    for row in rows:
+        if row["pair"] in lost:
+            row["style_content_error"] = lost[row["pair"]]
     summary = medians(rows)
+    for pair in sorted({row["pair"] for row in rows}, key=[row["pair"] for row in rows].index):
+        own = next(row["content_style_error"] for row in rows if row["pair"] == pair)
+        print(
+            f"{pair}: the content's own style error {own:.3f},"
+            f" the style's own content error {lost.get(pair, float('nan')):.3f}",
+            file=sys.stderr,
+        )
     for name, s in summary.items():
         print(
             f"{name:18s} pairs {s['pairs']}  content {s['content_error']:.3f}"
@@ -324,7 +345,7 @@ def main_merge(args) -> int:
                       f" / {s['seconds']:.0f} s**")  # fmt: skip
             print(f"| {name} | " + " | ".join(cells) + f" | {median} |", file=sys.stderr)
     if args.plot:
-        plot(summary, Path(args.plot), args.highlight)
+        plot(summary, Path(args.plot), args.highlight, args.bound)
     json.dump(
         {"benchmark": "quality", "machine": reports[0]["machine"], "edge": reports[0]["edge"],
          "commands": [r.get("command") for r in reports], "medians": summary, "results": rows},
@@ -345,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine the JSON of earlier runs instead")
     parser.add_argument("--plot", metavar="PNG", help="with --merge: draw the front there")
     parser.add_argument("--highlight", default="defaults", help="with --plot: the candidate drawn in red")
+    parser.add_argument("--bound", type=float, help="with --plot: the content bound, drawn as a line")
     parser.add_argument("--markdown", action="store_true", help="with --merge: a markdown table on stderr")
     args = parser.parse_args(argv)
     return main_merge(args) if args.merge else main_run(args)

@@ -145,7 +145,7 @@ class StyleOptions:
     initial_iterations: int = 200
 
     content_weight: float = 1.0
-    style_weight: float = 100.0
+    style_weight: float = 10.0
     tv_weight: float = 10.0
     content_layers: tuple[tuple[str, float], ...] = DEFAULT_CONTENT_LAYERS
     style_layers: tuple[tuple[str, float], ...] = DEFAULT_STYLE_LAYERS
