@@ -23,9 +23,14 @@ LISTENING = re.compile(r"listening on (\S+:\d+)")
 
 
 def export_model(weights: str, model_dir: Path) -> dict:
+    """The artifact in model_dir, exported first unless one is there; a random-weights artifact left by an
+    earlier run is exported again unless random weights are asked for (real ones may be at hand now)."""
     manifest_path = model_dir / "vgg19.json"
-    if not manifest_path.exists():
-        subprocess.run([BIN / "stylize-export", "--weights", weights, "--out", model_dir], check=True)
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("weights") != "random" or weights == "random":
+            return manifest
+    subprocess.run([BIN / "stylize-export", "--weights", weights, "--out", model_dir], check=True)
     return json.loads(manifest_path.read_text())
 
 
