@@ -34,7 +34,7 @@ from stylize.server.engine.options import (
     option_names,
     validate,
 )
-from stylize.server.engine.presets import PRESETS, apply_preset
+from stylize.server.engine.presets import INTERACTIVE_PRESET, PRESETS, apply_preset
 from stylize.server.engine.records import Result, Started
 from stylize.server.engine.run import stylize
 from stylize.v1 import stylize_pb2 as pb
@@ -154,12 +154,26 @@ def test_a_preset_must_name_every_option() -> None:
 
 def test_an_override_keeps_the_rest_of_the_preset() -> None:
     base = PRESETS["keras-vgg19-adam"].options
-    assert apply_preset("keras-vgg19-adam", {"size": 256}) == dataclasses.replace(base, size=256)
+    assert apply_preset("keras-vgg19-adam", {"iterations": 7}) == dataclasses.replace(base, iterations=7)
     assert apply_preset(None, {"size": 256}) == dataclasses.replace(DEFAULTS, size=256)
     with pytest.raises(OptionsError) as caught:
         apply_preset("gatys2015", {})
     (violation,) = caught.value.violations
     assert violation.field == "preset" and "valid: gatys2016 johnson-vgg16" in violation.description
+
+
+def test_an_explicit_size_below_the_first_scale_clamps_it() -> None:
+    """`stylize a.png b.png --size 64` with the CLI's preset (first scale 128 px) runs one 64 px scale."""
+    fast = PRESETS[INTERACTIVE_PRESET].options
+    assert fast.min_size > 64
+    assert apply_preset(INTERACTIVE_PRESET, {"size": 64}) == dataclasses.replace(fast, size=64, min_size=64)
+    assert apply_preset("keras-vgg19-adam", {"size": 256}).min_size == 256  # single-scale 512 px preset
+    assert apply_preset(INTERACTIVE_PRESET, {"size": 256}).min_size == fast.min_size  # above it: kept
+    explicit = apply_preset(INTERACTIVE_PRESET, {"size": 64, "min_size": 128})
+    assert explicit.min_size == 128  # explicit and contradictory: validation names it
+    with pytest.raises(OptionsError) as caught:
+        validate(explicit)
+    assert [v.field for v in caught.value.violations] == ["min_size"]
 
 
 def request(**fields) -> pb.StylizeRequest:

@@ -274,5 +274,13 @@ def preset_options(name: str) -> StyleOptions:
 
 def apply_preset(name: str | None, overrides: Mapping[str, object]) -> StyleOptions:
     """`overrides` (the options a caller set explicitly) on top of preset `name`, or on the engine's
-    defaults for no preset (None or "")."""
-    return replace(preset_options(name) if name else DEFAULTS, **overrides)
+    defaults for no preset (None or "").
+
+    An explicit `size` below the base's `min_size`, with no explicit `min_size`, clamps the first scale
+    to `size` (a single scale): asking for a small output is not an error of the preset's schedule."""
+    base = preset_options(name) if name else DEFAULTS
+    options = replace(base, **overrides)
+    size = overrides.get("size")
+    if "min_size" not in overrides and isinstance(size, int) and 0 < size < base.min_size:
+        options = replace(options, min_size=size)
+    return options
