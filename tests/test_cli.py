@@ -155,7 +155,15 @@ def test_submit_then_watch_then_info(server, tmp_path) -> None:
 def test_interrupt_cancels_the_job_and_exits_130(server, tmp_path) -> None:
     command = [*STYLIZE, CONTENT, STYLE, "-o", str(tmp_path / "o.png"), "--json", "--server", server.address,
                "--size", "64", "--min-size", "64", "--initial-iterations", "2000"]  # fmt: skip
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+    # A shell that starts the suite in the background makes its children ignore SIGINT, and Python keeps an
+    # ignored SIGINT ignored: the CLI gets the default disposition back, as it has at a terminal.
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    ) as process:
         assert process.stdout is not None
         record = next(json.loads(line) for line in process.stdout if json.loads(line)["event"] == "progress")
         process.send_signal(signal.SIGINT)
