@@ -95,7 +95,9 @@ def test_health_is_serving_only_after_the_parity_probe_and_a_first_deadline_canc
 
 
 def test_a_full_queue_refuses_the_next_job_with_resource_exhausted(model_dir) -> None:
-    with ServerProcess(model_dir, "--device", "cpu", "--workers", "1", "--max-queue", "2") as server:
+    # No grace at the end: the long jobs are left running and would hold the shutdown for the default 30 s.
+    flags = ("--device", "cpu", "--workers", "1", "--max-queue", "2", "--grace-seconds", "0")
+    with ServerProcess(model_dir, *flags) as server:
         stub = stub_for(server)
         running = stub.SubmitJob(stylize_request(LONG), timeout=10)
         StreamReader(stub.WatchJob(pb.WatchJobRequest(job_id=running.job_id))).wait_for_iteration(1)
