@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from parity_table import assert_every_layer_passes
 
 from stylize.export.artifact import (
     ArtifactError,
@@ -139,14 +140,7 @@ def test_onnx_model_has_named_outputs_and_dynamic_sizes(exported, arch):
 
 def test_parity_table_shows_every_layer_below_tolerance(exported):
     _, run = exported
-    rows = [
-        line.split()
-        for line in run.stdout.splitlines()
-        if line.split()[:1] in [[n] for n in DEFAULT_EXPORT_LAYERS]
-    ]
-    assert len(rows) == 2 * len(DEFAULT_EXPORT_LAYERS)  # one table per probe size
-    for layer, features, gram, verdict in rows:
-        assert float(features) < TOLERANCE and float(gram) < TOLERANCE and verdict == "ok", layer
+    assert_every_layer_passes(run.stdout, TOLERANCE)
     assert "1x3x64x64" in run.stdout and "1x3x136x200" in run.stdout
 
 

