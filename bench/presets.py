@@ -25,10 +25,10 @@ import torch
 
 from bench.engine import load, square
 from bench.machine import machine_info
-from stylize.export.vgg import VGGFeatures, random_state_dict
+from stylize.api.options import DEFAULTS, StyleOptions
+from stylize.api.presets import PRESETS
+from stylize.model.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine.losses import ContentLoss, GramStyleLoss, LayerSum, Objective, gram_matrix
-from stylize.server.engine.options import DEFAULTS, StyleOptions
-from stylize.server.engine.presets import PRESETS
 from stylize.server.engine.records import Result
 from stylize.server.engine.run import stylize
 

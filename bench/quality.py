@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from stylize.api.options import DEFAULTS, StyleOptions
+from stylize.api.presets import PRESETS
+from stylize.api.schedule import fit
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
-from stylize.server.engine.options import DEFAULTS, StyleOptions
-from stylize.server.engine.presets import PRESETS
 from stylize.server.engine.records import Progress, Result, Started
 from stylize.server.engine.run import stylize
-from stylize.server.engine.schedule import fit
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 CONTENT_LAYER = "relu4_2"
@@ -132,8 +132,8 @@ class Scorer:
 
 
 def real_extractor():
-    from stylize.export.vgg import VGGFeatures
-    from stylize.export.weights import resolve_weights
+    from stylize.model.vgg import VGGFeatures
+    from stylize.model.weights import resolve_weights
 
     resolved = resolve_weights("imagenet-q8")
     extractor = VGGFeatures(layers=[CONTENT_LAYER, *STYLE_LAYERS], normalization=resolved.normalization)

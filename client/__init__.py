@@ -6,6 +6,7 @@ See stylize.client.client for the clients, .events for what a job streams, .erro
 failed call raises, .channel for several servers and load balancing.
 """
 
+from stylize.api.options import FieldViolation
 from stylize.client.client import AsyncEventStream, AsyncStylizeClient, EventStream, StylizeClient, Submission
 from stylize.client.errors import (
     Cancelled,
@@ -28,7 +29,6 @@ from stylize.client.events import (
     Started,
 )
 from stylize.client.info import QueueState, ServerInfo
-from stylize.server.engine.options import FieldViolation
 
 __all__ = [
     "AsyncEventStream",

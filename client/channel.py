@@ -27,8 +27,8 @@ import json
 import os
 from collections.abc import Sequence
 
+from stylize.api.options import FieldViolation
 from stylize.client.errors import InvalidArgument
-from stylize.server.engine.options import FieldViolation
 
 SERVICE_NAME = "stylize.v1.StyleTransfer"
 SERVER_ENV = "STYLIZE_SERVER"

@@ -30,6 +30,7 @@ from typing import Any, NoReturn, TextIO
 
 from tqdm import tqdm
 
+from stylize.api.presets import INTERACTIVE_PRESET, PRESETS
 from stylize.client.channel import DEFAULT_TARGET, SERVER_ENV
 from stylize.client.client import EventStream, StylizeClient
 from stylize.client.errors import (
@@ -44,7 +45,6 @@ from stylize.client.errors import (
 )
 from stylize.client.events import Completed, EncodedImage, Event, Progress, Queued, Started
 from stylize.client.options import PREVIEW_OPTIONS, STYLE_OPTIONS, OptionSpec
-from stylize.server.engine.presets import INTERACTIVE_PRESET, PRESETS
 
 EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_JOB, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 EXIT_CODES: dict[type[StylizeError], int] = {

@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from stylize.api.options import FieldViolation
 from stylize.client.channel import channel_options, resolve_target
 from stylize.client.errors import Cancelled, InvalidArgument, JobFailed, error_from_rpc
 from stylize.client.events import Completed, Event, JobState, event_from_proto
 from stylize.client.info import ServerInfo
 from stylize.client.request import ImageSource, StyleSource, build_request
-from stylize.server.engine.options import FieldViolation
 from stylize.v1 import stylize_pb2, stylize_pb2_grpc
 
 DEFAULT_CALL_TIMEOUT = 30.0

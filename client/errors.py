@@ -23,7 +23,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from stylize.server.engine.options import FieldViolation
+from stylize.api.options import FieldViolation
 
 
 class StylizeError(Exception):

@@ -1,7 +1,7 @@
 """Job options on the client side: their names, kinds, defaults and choices, mapped to and from the proto.
 
 Nothing here defines a default: the names, defaults and enum choices come from the engine's
-StyleOptions and PreviewOptions (stylize.server.engine.options, which imports no torch), so the
+StyleOptions and PreviewOptions (stylize.api.options, which imports no torch), so the
 library, the CLI's flags and their --help read the same values the server uses.
 
 Only the options a caller sets are sent; every other field stays unset and the server applies its
@@ -24,8 +24,7 @@ from typing import Any
 
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 
-from stylize.client.errors import InvalidArgument
-from stylize.server.engine.options import (
+from stylize.api.options import (
     ALIASES,
     DEFAULT_PREVIEW,
     DEFAULTS,
@@ -33,7 +32,8 @@ from stylize.server.engine.options import (
     FieldViolation,
     layer_names,
 )
-from stylize.server.engine.presets import PRESETS, unknown_preset
+from stylize.api.presets import PRESETS, unknown_preset
+from stylize.client.errors import InvalidArgument
 from stylize.v1 import stylize_pb2
 
 Layers = tuple[tuple[str, float], ...]

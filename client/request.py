@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from stylize.api.options import FieldViolation
 from stylize.client.errors import InvalidArgument
 from stylize.client.options import (
     check_preset,
@@ -22,7 +23,6 @@ from stylize.client.options import (
     preview_options_to_proto,
     style_options_to_proto,
 )
-from stylize.server.engine.options import FieldViolation
 from stylize.v1 import stylize_pb2
 
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image
@@ -102,7 +102,7 @@ def build_request(
     `styles` is one image or a list of images or (image, weight) pairs. `settings` are the engine
     options by name (size=256, style_weight=1e4, style_layers=["relu1_1", "block2_conv1:0.5"], ...)
     and preview_every / preview_max_size / preview_format / preview_quality. `preset` names a recipe
-    (stylize.server.engine.presets: gatys2016, fast-preview, ...) that fills every option the call
+    (stylize.api.presets: gatys2016, fast-preview, ...) that fills every option the call
     does not set; without one, unset options take the server's defaults. Raises InvalidArgument
     naming every bad field.
     """

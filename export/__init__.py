@@ -1,1 +1,1 @@
-"""VGG feature extractor, its export to the ONNX artifact, and the artifact reader."""
+"""`stylize-export`: the model (stylize.model) exported to the ONNX artifact and its manifest."""

@@ -30,7 +30,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from stylize.export.artifact import (
+from stylize.api.options import DEFAULT_EXPORT_LAYERS, Backbone, Padding, Pooling
+from stylize.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportError, export_artifact
+from stylize.model.artifact import (
     Artifact,
     ArtifactError,
     Manifest,
@@ -39,17 +41,15 @@ from stylize.export.artifact import (
     manifest_filename,
     onnx_filename,
 )
-from stylize.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportError, export_artifact
-from stylize.export.parity import DEFAULT_TOLERANCE, ParityRow, compare, format_table, worst
-from stylize.export.vgg import NORMALIZATIONS, ModelError, VGGFeatures, resolve_layers
-from stylize.export.weights import (
+from stylize.model.parity import DEFAULT_TOLERANCE, ParityRow, compare, format_table, worst
+from stylize.model.vgg import NORMALIZATIONS, ModelError, VGGFeatures, resolve_layers
+from stylize.model.weights import (
     DEFAULT_WEIGHTS_CACHE,
     WEIGHTS_CACHE_ENV,
     WeightsError,
     one_line,
     resolve_weights,
 )
-from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, Backbone, Padding, Pooling
 
 PROG = "stylize-export"
 # (height, width) of the verification probes: a square and an odd landscape size whose sides

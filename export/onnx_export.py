@@ -20,15 +20,15 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from stylize.export.artifact import (
+from stylize.model.artifact import (
     INPUT_NAME,
     Manifest,
     manifest_filename,
     onnx_filename,
     state_dict_digest,
 )
-from stylize.export.vgg import CONV_SHAPES, VGGFeatures
-from stylize.export.weights import ResolvedWeights
+from stylize.model.vgg import CONV_SHAPES, VGGFeatures
+from stylize.model.weights import ResolvedWeights
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18

@@ -1,6 +1,6 @@
 """Render the options table in README.md from the proto's comments and the engine's defaults.
 
-The proto documents each option; server/engine/options.py holds each default.
+The proto documents each option; api/options.py holds each default.
 This script writes both into README.md between the `options-table` markers, and
 tests/test_options.py fails when the README is stale.
 
@@ -15,7 +15,7 @@ from dataclasses import fields
 from enum import StrEnum
 from pathlib import Path
 
-from stylize.server.engine.options import DEFAULT_PREVIEW, DEFAULTS
+from stylize.api.options import DEFAULT_PREVIEW, DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO = REPO / "proto" / "stylize" / "v1" / "stylize.proto"

@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 
 from bench.quality import PAIRS
-from stylize.export.artifact import load_artifact
-from stylize.export.vgg import VGGFeatures, random_state_dict
+from stylize.api.options import DEFAULTS, Backbone, StyleOptions
+from stylize.api.presets import PRESETS
+from stylize.model.artifact import load_artifact
+from stylize.model.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
-from stylize.server.engine.options import DEFAULTS, Backbone, StyleOptions
-from stylize.server.engine.presets import PRESETS
 from stylize.server.engine.records import Result
 from stylize.server.engine.run import stylize
 

@@ -13,7 +13,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stylize.server.engine.options import FieldViolation, OptionsError
+from stylize.api.options import FieldViolation, OptionsError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 ENCODINGS = ("png", "jpeg", "webp")

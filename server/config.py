@@ -1,7 +1,7 @@
 """The server's configuration: command-line flags, each with a matching STYLIZE_* environment variable.
 
 Precedence: a flag on the command line beats its environment variable, which beats the default.
-The engine's limits take their defaults from stylize.server.engine.options.Limits (defined once).
+The engine's limits take their defaults from stylize.api.options.Limits (defined once).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stylize.server.engine.options import DEFAULT_LIMITS, Limits
+from stylize.api.options import DEFAULT_LIMITS, Limits
 
 ENV_PREFIX = "STYLIZE_"
 # 9090 is Prometheus's own port; 9464 is the port OpenTelemetry's Prometheus exporter uses by convention.

@@ -1,8 +1,8 @@
 """Between the wire (stylize.v1 protos) and the engine's records.
 
 Presence matters: an unset `optional` field, an UNSPECIFIED enum or an empty list means "the default":
-the request's preset's value (stylize.server.engine.presets), or without a preset the engine's default
-(stylize.server.engine.options); neither is restated here. Field paths in errors are the proto's
+the request's preset's value (stylize.api.presets), or without a preset the engine's default
+(stylize.api.options); neither is restated here. Field paths in errors are the proto's
 ("options.size", "options.style_layers[1].layer", "styles[0].weight", "preview.every").
 """
 
@@ -18,8 +18,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from PIL import Image
 
-from stylize.server.engine import options as engine_options
-from stylize.server.engine.options import (
+from stylize.api import options as engine_options
+from stylize.api.options import (
     DEFAULT_PREVIEW,
     DEFAULTS,
     Backbone,
@@ -39,7 +39,7 @@ from stylize.server.engine.options import (
     StyleResize,
     with_canonical_layers,
 )
-from stylize.server.engine.presets import PRESETS, apply_preset, unknown_preset
+from stylize.api.presets import PRESETS, apply_preset, unknown_preset
 from stylize.server.engine.records import Losses, Progress, Started
 from stylize.v1 import stylize_pb2 as pb
 

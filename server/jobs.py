@@ -23,8 +23,8 @@ from typing import Protocol
 import grpc
 from PIL import Image
 
-from stylize.server.engine import schedule
-from stylize.server.engine.options import OptionsError
+from stylize.api import schedule
+from stylize.api.options import OptionsError
 from stylize.server.engine.records import Cancelled, Progress, Result, Started
 from stylize.v1 import stylize_pb2 as pb
 

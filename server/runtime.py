@@ -29,13 +29,7 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from stylize.export.artifact import Artifact, ArtifactError, Manifest, load_artifacts
-from stylize.export.parity import ParityRow, compare, format_table
-from stylize.export.vgg import VGGFeatures
-from stylize.export.weights import file_sha256
-from stylize.server.engine import precision
-from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
-from stylize.server.engine.options import (
+from stylize.api.options import (
     DEFAULTS,
     Backbone,
     FieldViolation,
@@ -43,6 +37,12 @@ from stylize.server.engine.options import (
     Precision,
     StyleOptions,
 )
+from stylize.model.artifact import Artifact, ArtifactError, Manifest, load_artifacts
+from stylize.model.parity import ParityRow, compare, format_table
+from stylize.model.vgg import VGGFeatures
+from stylize.model.weights import file_sha256
+from stylize.server.engine import precision
+from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
 from stylize.server.engine.records import Progress, Result, Started
 from stylize.server.engine.run import TargetFn, stylize
 

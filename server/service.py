@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from stylize.server.engine.options import DEFAULTS, LAYERS, Backbone, FieldViolation, OptionsError
+from stylize.api.options import DEFAULTS, LAYERS, Backbone, FieldViolation, OptionsError
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
 

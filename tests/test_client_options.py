@@ -12,6 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from PIL import Image
 
+from stylize.api import options as engine
 from stylize.client import errors
 from stylize.client.channel import SERVICE_CONFIG, channel_options, resolve_target
 from stylize.client.events import Completed, JobState, Progress, Queued, Started, event_from_proto
@@ -23,7 +24,6 @@ from stylize.client.options import (
     style_options_to_proto,
 )
 from stylize.client.request import build_request
-from stylize.server.engine import options as engine
 from stylize.v1 import stylize_pb2
 
 

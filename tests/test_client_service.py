@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from stylize.api.options import DEFAULTS
 from stylize.client import (
     AsyncStylizeClient,
     Cancelled,
@@ -22,7 +23,6 @@ from stylize.client import (
     Started,
     StylizeClient,
 )
-from stylize.server.engine.options import DEFAULTS
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 CONTENT, STYLE = SAMPLES / "chelsea.png", SAMPLES / "coffee.png"

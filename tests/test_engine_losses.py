@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stylize.api.options import LossNormalization
 from stylize.server.engine import color
 from stylize.server.engine.losses import (
     ContentLoss,
@@ -16,7 +17,6 @@ from stylize.server.engine.losses import (
     gram_matrix,
     mean_and_second_moment,
 )
-from stylize.server.engine.options import LossNormalization
 
 
 def features(channels: int = 16, size: int = 8, seed: int = 0, scale: float = 1.0) -> torch.Tensor:

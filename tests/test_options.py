@@ -1,4 +1,4 @@
-"""The proto documents the engine's defaults; server/engine/options.py holds them. They must agree."""
+"""The proto documents the engine's defaults; api/options.py holds them. They must agree."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stylize.server.engine import options as engine_options
+from stylize.api import options as engine_options
 from stylize.v1 import stylize_pb2
 
 _spec = importlib.util.spec_from_file_location(

@@ -12,13 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stylize.client.errors import InvalidArgument
-from stylize.client.request import build_request
-from stylize.export.vgg import VGGFeatures, random_state_dict
-from stylize.server import convert
-from stylize.server.engine import presets, schedule
-from stylize.server.engine.imageio import pil_to_tensor
-from stylize.server.engine.options import (
+from stylize.api import presets, schedule
+from stylize.api.options import (
     DEFAULT_LIMITS,
     DEFAULTS,
     Backbone,
@@ -34,7 +29,12 @@ from stylize.server.engine.options import (
     option_names,
     validate,
 )
-from stylize.server.engine.presets import INTERACTIVE_PRESET, PRESETS, apply_preset
+from stylize.api.presets import INTERACTIVE_PRESET, PRESETS, apply_preset
+from stylize.client.errors import InvalidArgument
+from stylize.client.request import build_request
+from stylize.model.vgg import VGGFeatures, random_state_dict
+from stylize.server import convert
+from stylize.server.engine.imageio import pil_to_tensor
 from stylize.server.engine.records import Result, Started
 from stylize.server.engine.run import stylize
 from stylize.v1 import stylize_pb2 as pb

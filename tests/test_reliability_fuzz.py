@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from serverproc import ServerProcess, collect
 
+from stylize.api.options import VGG19_LAYERS, Limits, OptionsError
 from stylize.server import convert
-from stylize.server.engine.options import VGG19_LAYERS, Limits, OptionsError
 from stylize.server.errors import JobStatus
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc

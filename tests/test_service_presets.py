@@ -10,9 +10,9 @@ import grpc
 import pytest
 from serverproc import ServerProcess, export_random_model, sample, scrape
 
+from stylize.api.options import FieldViolation
 from stylize.client import Completed, InvalidArgument, Started, StylizeClient
 from stylize.client.errors import field_violations
-from stylize.server.engine.options import FieldViolation
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
 

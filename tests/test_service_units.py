@@ -14,11 +14,11 @@ import torch
 from prometheus_client import generate_latest
 from serverproc import png_bytes, stylize_request
 
+from stylize.api.options import DEFAULT_LIMITS, DEFAULTS, Optimizer, OptionsError, Pooling
 from stylize.server import convert, jobs
 from stylize.server.codec import decode_image
 from stylize.server.config import ENV_PREFIX, build_parser, parse_config
 from stylize.server.engine.imageio import tensor_to_pil
-from stylize.server.engine.options import DEFAULT_LIMITS, DEFAULTS, Optimizer, OptionsError, Pooling
 from stylize.server.engine.records import Cancelled, Losses, Progress, Result, Started
 from stylize.server.metrics import ServiceMetrics, go_code_name, new_registry
 from stylize.v1 import stylize_pb2 as pb

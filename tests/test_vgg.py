@@ -9,20 +9,20 @@ import pytest
 import torch
 from torch import nn
 
-from stylize.export.vgg import (
-    CAFFE_NORMALIZATION,
-    ModelError,
-    VGGFeatures,
-    random_state_dict,
-    validate_state_dict,
-)
-from stylize.server.engine.options import (
+from stylize.api.options import (
     ALIASES,
     DEFAULT_EXPORT_LAYERS,
     LAYERS,
     VGG19_LAYERS,
     Backbone,
     canonical_layer,
+)
+from stylize.model.vgg import (
+    CAFFE_NORMALIZATION,
+    ModelError,
+    VGGFeatures,
+    random_state_dict,
+    validate_state_dict,
 )
 
 ARCHES = [arch.value for arch in Backbone]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from stylize.server.engine.options import Init
+from stylize.api.options import Init
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -40,7 +40,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from stylize.server.engine.options import LossNormalization
+from stylize.api.options import LossNormalization
 
 # Added to divisors so an all-zero target (a black image at a layer) gives a finite loss.
 EPS = 1e-8

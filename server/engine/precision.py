@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stylize.server.engine.options import Precision
+from stylize.api.options import Precision
 
 if TYPE_CHECKING:
-    from stylize.export.vgg import VGGFeatures as Extractor
+    from stylize.model.vgg import VGGFeatures as Extractor
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stylize.server.engine import color, precision, schedule
-from stylize.server.engine.init import initial_image
-from stylize.server.engine.losses import STYLE_LOSSES, ContentLoss, LayerSum, Objective, blend
-from stylize.server.engine.optimizers import AdamStepper, LBFGSStepper, Stepper
-from stylize.server.engine.options import (
+from stylize.api import schedule
+from stylize.api.options import (
     DEFAULT_LIMITS,
     LAYERS,
     Backbone,
@@ -41,12 +38,16 @@ from stylize.server.engine.options import (
     validate,
     with_canonical_layers,
 )
+from stylize.server.engine import color, precision
+from stylize.server.engine.init import initial_image
+from stylize.server.engine.losses import STYLE_LOSSES, ContentLoss, LayerSum, Objective, blend
+from stylize.server.engine.optimizers import AdamStepper, LBFGSStepper, Stepper
 from stylize.server.engine.records import Cancelled, Losses, Progress, Result, Started
 
 # Forward-only features of the configured layers for a [1, 3, H, W] RGB batch in [0, 1]
 # (on the engine's device); the returned tensors may live on any device.
 TargetFn = Callable[[Tensor], dict[str, Tensor]]
-# Anything with the torch extractor's interface (stylize.export.vgg.VGGFeatures).
+# Anything with the torch extractor's interface (stylize.model.vgg.VGGFeatures).
 Extractor = torch.nn.Module
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from stylize.server.engine.options import StyleOptions
+if TYPE_CHECKING:  # options validates with the schedule, so the schedule cannot import options at run time
+    from stylize.api.options import StyleOptions
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stylize.server.engine.options import (
+from stylize.api.options import (
     DEFAULT_EXPORT_LAYERS,
     LAYERS,
     Backbone,

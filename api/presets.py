@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from stylize.server.engine.options import (
+from stylize.api.options import (
     DEFAULTS,
     Backbone,
     ColorMode,

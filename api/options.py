@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 
+from stylize.api import schedule
+
 # The layers each backbone's extractor can tap, in network order, one name per module of
 # torchvision's `features` Sequential. Kept here (not in the model module) because validation
 # and the client need them without torch.
@@ -306,8 +308,6 @@ def _check_sizes(found: _Violations, o: StyleOptions, limits: Limits, smallest: 
 
 
 def _check_iterations(found: _Violations, o: StyleOptions, limits: Limits, sizes_sound: bool) -> None:
-    from stylize.server.engine import schedule  # pure Python, no torch
-
     sound = True
     for field in ("iterations", "initial_iterations"):
         if not _whole(getattr(o, field), 1):
@@ -334,8 +334,6 @@ def _check_content(
     smallest: int,
     sizes: dict[str, bool],
 ) -> None:
-    from stylize.server.engine import schedule  # pure Python, no torch
-
     width, height = content_size
     if width < 1 or height < 1:
         found.add("content", f"image is empty ({width}x{height})")

