@@ -39,6 +39,7 @@ tools:
 
 test: venv weights tools
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 	$(AVX2_ONLY) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_engine_precision.py tests/test_engine_run.py
 
@@ -64,4 +65,4 @@ bench: venv
 	$(PY) -m bench.scaling --model-dir $(BENCH_OUT)/model > $(BENCH_OUT)/scaling.json
 
 clean:
-	rm -rf $(VENV) artifacts $(OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) artifacts $(OUT) .pytest_cache .ruff_cache .mypy_cache

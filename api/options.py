@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
+from typing import Any
 
 from stylize.api import schedule
 
@@ -224,21 +225,19 @@ DEFAULT_LIMITS = Limits()
 def downsampling(layer: str, backbone: str = Backbone.VGG19) -> int:
     """How many times smaller than the input a layer's feature map is (2x per pooling before it)."""
     layers = LAYERS[Backbone(backbone)]
-    return 2 ** sum(name.startswith("pool") for name in layers[: layers.index(layer)])
+    return int(2 ** sum(name.startswith("pool") for name in layers[: layers.index(layer)]))
 
 
 def with_canonical_layers(options: StyleOptions) -> StyleOptions:
     """The options with Keras aliases replaced by our layer names (unknown names are left as they are)."""
-    return replace(
-        options,
-        **{
-            field: tuple(
-                (canonical_layer(name, options.backbone) or name, weight)
-                for name, weight in getattr(options, field)
-            )
-            for field in ("content_layers", "style_layers")
-        },
-    )
+    layers: dict[str, Any] = {
+        field: tuple(
+            (canonical_layer(name, options.backbone) or name, weight)
+            for name, weight in getattr(options, field)
+        )
+        for field in ("content_layers", "style_layers")
+    }
+    return replace(options, **layers)
 
 
 def _real(value: object) -> bool:

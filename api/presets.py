@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from stylize.api.options import (
     DEFAULTS,
@@ -279,7 +280,8 @@ def apply_preset(name: str | None, overrides: Mapping[str, object]) -> StyleOpti
     An explicit `size` below the base's `min_size`, with no explicit `min_size`, clamps the first scale
     to `size` (a single scale): asking for a small output is not an error of the preset's schedule."""
     base = preset_options(name) if name else DEFAULTS
-    options = replace(base, **overrides)
+    # The overrides' types are the validator's business (validate_options), not replace()'s.
+    options = replace(base, **cast(Mapping[str, Any], overrides))
     size = overrides.get("size")
     if "min_size" not in overrides and isinstance(size, int) and 0 < size < base.min_size:
         options = replace(options, min_size=size)

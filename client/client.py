@@ -22,7 +22,7 @@ Failures raise the exceptions in stylize.client.errors, never grpc.RpcError.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -97,7 +97,7 @@ class EventStream:
         self.job_id: str | None = None
         self._events = self._iterate()
 
-    def _iterate(self) -> Iterator[Event]:
+    def _iterate(self) -> Generator[Event, None, None]:
         try:
             for message in self._call:
                 event = event_from_proto(message)
@@ -218,7 +218,7 @@ class AsyncEventStream:
         self.job_id: str | None = None
         self._events = self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[Event]:
+    async def _iterate(self) -> AsyncGenerator[Event, None]:
         try:
             async for message in self._call:
                 event = event_from_proto(message)

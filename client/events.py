@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypedDict
 
 from PIL import Image
 
@@ -164,9 +164,18 @@ def _size(message: stylize_pb2.Size) -> tuple[int, int]:
     return (message.width, message.height)
 
 
+class _Common(TypedDict):
+    """Event's fields, as event_from_proto reads them from every message."""
+
+    job_id: str
+    sequence: int
+    elapsed_seconds: float
+    client_tag: str
+
+
 def event_from_proto(message: stylize_pb2.JobEvent) -> Event | None:
     """The typed event, or None for an event kind newer than this client (callers skip those)."""
-    common = {
+    common: _Common = {
         "job_id": message.job_id,
         "sequence": message.sequence,
         "elapsed_seconds": message.elapsed_seconds,

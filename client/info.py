@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
 
@@ -58,6 +58,10 @@ class ServerInfo:
 
     def as_dict(self) -> dict[str, Any]:
         """The whole message as JSON-ready data (field names as in the proto)."""
-        return json_format.MessageToDict(
-            self.message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        # protobuf has no type information: MessageToDict's dict comes back as Any.
+        return cast(
+            dict[str, Any],
+            json_format.MessageToDict(
+                self.message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            ),
         )

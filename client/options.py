@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 
@@ -30,6 +30,8 @@ from stylize.api.options import (
     DEFAULTS,
     LAYERS,
     FieldViolation,
+    PreviewOptions,
+    StyleOptions,
     layer_names,
 )
 from stylize.api.presets import PRESETS, unknown_preset
@@ -108,7 +110,10 @@ class OptionSpec:
         return str(self.default)
 
 
-def _specs(defaults: object, message: type) -> dict[str, OptionSpec]:
+def _specs(
+    defaults: StyleOptions | PreviewOptions,
+    message: type[stylize_pb2.StyleOptions] | type[stylize_pb2.PreviewOptions],
+) -> dict[str, OptionSpec]:
     descriptor = message.DESCRIPTOR
     specs = {}
     for f in fields(defaults):
@@ -125,11 +130,11 @@ _UNSIGNED_MAX = {FieldDescriptor.TYPE_UINT32: 2**32 - 1, FieldDescriptor.TYPE_UI
 
 def _enum_prefix(enum: EnumDescriptor) -> str:
     """ "STYLE_LOSS_" for StyleLoss: the proto's values are PREFIX + the engine's value in capitals."""
-    return enum.values_by_number[0].name.removesuffix("UNSPECIFIED")
+    return str(enum.values_by_number[0].name).removesuffix("UNSPECIFIED")
 
 
 def enum_to_proto(enum: EnumDescriptor, choice: str) -> int:
-    return enum.values_by_name[_enum_prefix(enum) + choice.upper()].number
+    return int(enum.values_by_name[_enum_prefix(enum) + choice.upper()].number)
 
 
 def enum_from_proto(enum: EnumDescriptor, number: int) -> str | None:
@@ -137,7 +142,7 @@ def enum_from_proto(enum: EnumDescriptor, number: int) -> str | None:
     value = enum.values_by_number.get(number)
     if value is None or number == 0:
         return None
-    return value.name.removeprefix(_enum_prefix(enum)).lower()
+    return str(value.name).removeprefix(_enum_prefix(enum)).lower()
 
 
 def parse_layers(value: object, field: str) -> tuple[Layers, list[FieldViolation]]:
@@ -158,7 +163,7 @@ def parse_layers(value: object, field: str) -> tuple[Layers, list[FieldViolation
             violations.append(FieldViolation(f"{field}[{index}]", f"{expected}, got {item!r}"))
             continue
         try:
-            weight = float(weight)
+            weight = float(weight)  # type: ignore[arg-type]  # any object: the TypeError is the check
         except (TypeError, ValueError):
             violations.append(FieldViolation(f"{field}[{index}].weight", f"is not a number: {weight!r}"))
             continue
@@ -240,7 +245,7 @@ def preview_options_to_proto(options: Mapping[str, object]) -> stylize_pb2.Previ
 
 def _shortest_float32(value: float) -> float:
     """The shortest decimal that is the same float32: 0.02 comes back as 0.02, not 0.019999999552965164."""
-    single = struct.unpack("f", struct.pack("f", value))[0]
+    single: float = struct.unpack("f", struct.pack("f", value))[0]
     for digits in range(1, 10):
         candidate = float(f"{single:.{digits}g}")
         if struct.unpack("f", struct.pack("f", candidate))[0] == single:
@@ -280,11 +285,12 @@ def check_preset(name: object) -> str:
     return name
 
 
-def image_format_to_proto(name: str, field: str) -> int:
+def image_format_to_proto(name: str, field: str) -> stylize_pb2.ImageFormat:
     if name.lower() not in IMAGE_FORMATS:
         problem = f"unknown format {name!r}; expected one of {', '.join(IMAGE_FORMATS)}"
         raise InvalidArgument.of([FieldViolation(field, problem)])
-    return enum_to_proto(stylize_pb2.ImageFormat.DESCRIPTOR, name.lower())
+    # The enum's number; ImageFormat is an int to the stubs as well.
+    return cast(stylize_pb2.ImageFormat, enum_to_proto(stylize_pb2.ImageFormat.DESCRIPTOR, name.lower()))
 
 
 def image_format_from_proto(number: int) -> str:

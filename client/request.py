@@ -132,8 +132,8 @@ def build_request(
     except InvalidArgument as error:
         violations += error.violations
     if len(client_tag) > MAX_CLIENT_TAG:
-        problem = f"is {len(client_tag)} characters; at most {MAX_CLIENT_TAG}"
-        violations.append(FieldViolation("client_tag", problem))
+        too_long = f"is {len(client_tag)} characters; at most {MAX_CLIENT_TAG}"
+        violations.append(FieldViolation("client_tag", too_long))
     preview = {PREVIEW_KEYWORDS[k]: settings.pop(k) for k in list(settings) if k in PREVIEW_KEYWORDS}
     preview = {name: value for name, value in preview.items() if value is not None}
     options = {name: value for name, value in settings.items() if value is not None}

@@ -71,6 +71,8 @@ def with_chroma(y: Tensor, content: Tensor) -> Tensor:
 
 def _sqrtm(matrix: Tensor, inverse: bool = False) -> Tensor:
     """Square root (or inverse square root) of a symmetric positive semi-definite matrix."""
+    eigenvalues: Tensor  # torch.linalg's results are untyped
+    eigenvectors: Tensor
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     eigenvalues = eigenvalues.clamp(min=1e-10)
     powers = eigenvalues.rsqrt() if inverse else eigenvalues.sqrt()

@@ -7,6 +7,7 @@ seed gives the same picture on every device); the global RNG is never touched.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -36,7 +37,8 @@ def initial_image(
     if init == Init.GRAY:
         return torch.full_like(content, 0.5)
     total = sum(weight for _, weight in styles)
-    mean = sum(style.mean(dim=(1, 2)) * (weight / total) for style, weight in styles)
-    std = sum(style.std(dim=(1, 2)) * (weight / total) for style, weight in styles)
+    # sum() of tensors is a tensor (there is at least one style); mypy sees `Tensor | Literal[0]`.
+    mean = cast(Tensor, sum(style.mean(dim=(1, 2)) * (weight / total) for style, weight in styles))
+    std = cast(Tensor, sum(style.std(dim=(1, 2)) * (weight / total) for style, weight in styles))
     normal = torch.randn(tuple(content.shape), generator=_generator(seed)).to(content.device)
     return (normal * std[:, None, None] + mean[:, None, None]).clamp(0, 1)

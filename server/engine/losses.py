@@ -34,8 +34,8 @@ loses the small differences the loss is made of in bf16 (8 bits of mantissa).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -81,10 +81,11 @@ def blend(statistics: Sequence[Statistic], weights: Sequence[float]) -> Statisti
     """Weighted average of one layer's statistics from several style images (weights normalized)."""
     total = sum(weights)
     shares = [w / total for w in weights]
+    # sum() of tensors is a tensor (there is at least one statistic); mypy sees `Tensor | Literal[0]`.
     if isinstance(statistics[0], Tensor):
-        return sum(s * share for s, share in zip(statistics, shares, strict=True))
+        return cast(Tensor, sum(s * share for s, share in zip(statistics, shares, strict=True)))
     return tuple(
-        sum(parts[i] * share for parts, share in zip(statistics, shares, strict=True))
+        cast(Tensor, sum(parts[i] * share for parts, share in zip(statistics, shares, strict=True)))
         for i in range(len(statistics[0]))
     )
 
@@ -97,10 +98,13 @@ class ContentLoss(nn.Module):
     """Mean squared error of the features times a scale: relative to the target's mean square, or
     (GATYS) times half the number of elements, making it 1/2 sum (F - P)^2, or (POSITIONS) one."""
 
+    target: Tensor  # buffers
+    scale: Tensor
+
     def __init__(self, target: Tensor, normalization: LossNormalization = LossNormalization.RELATIVE):
         super().__init__()
         target = target.detach().float()
-        scales = {
+        scales: dict[LossNormalization, Callable[[Tensor], Tensor]] = {
             LossNormalization.RELATIVE: _relative,
             LossNormalization.GATYS: lambda t: torch.tensor(t.numel() / 2.0),
             LossNormalization.POSITIONS: lambda t: torch.tensor(1.0),
@@ -118,11 +122,13 @@ class GramStyleLoss(nn.Module):
     scale: relative to the target's mean square, 1/4 (GATYS) or one (POSITIONS)."""
 
     statistics = staticmethod(gram_matrix)
+    target: Tensor  # buffers
+    scale: Tensor
 
     def __init__(self, target: Tensor, normalization: LossNormalization = LossNormalization.RELATIVE):
         super().__init__()
         target = target.detach().float()
-        scales = {
+        scales: dict[LossNormalization, Callable[[Tensor], Tensor]] = {
             LossNormalization.RELATIVE: _relative,
             LossNormalization.GATYS: lambda t: torch.tensor(GATYS_STYLE_FACTOR),
             LossNormalization.POSITIONS: lambda t: torch.tensor(1.0),
@@ -148,6 +154,11 @@ class MeanCovarianceStyleLoss(nn.Module):
     """
 
     statistics = staticmethod(mean_and_second_moment)
+    mean: Tensor  # buffers
+    covariance_root: Tensor
+    covariance_trace: Tensor
+    scale: Tensor
+    floor: Tensor
 
     def __init__(
         self,
@@ -175,7 +186,7 @@ class MeanCovarianceStyleLoss(nn.Module):
         with _no_autocast(features):
             covariance = second_moment - torch.outer(mean, mean)
             product = self.covariance_root @ covariance @ self.covariance_root
-            eigenvalues = torch.linalg.eigvalsh((product + product.T) / 2)
+            eigenvalues: Tensor = torch.linalg.eigvalsh((product + product.T) / 2)  # torch.linalg: untyped
             root_trace = eigenvalues.clamp(min=self.floor).sqrt().sum()
             distance = (
                 (mean - self.mean).square().sum()

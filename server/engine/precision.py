@@ -156,7 +156,7 @@ def resolve(precision: Precision, device: torch.device, network: Extractor) -> P
         return _auto[key]
 
 
-def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[object]:
     """The context the network's forward runs in: bf16 autocast, or none for fp32."""
     if precision == Precision.FP32:
         return contextlib.nullcontext()

@@ -13,9 +13,11 @@ unsynchronized between records (Adam; L-BFGS syncs inside torch's implementation
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,10 @@ from stylize.server.engine.records import Cancelled, Losses, Progress, Result, S
 # (on the engine's device); the returned tensors may live on any device.
 TargetFn = Callable[[Tensor], dict[str, Tensor]]
 # Anything with the torch extractor's interface (stylize.model.vgg.VGGFeatures).
-Extractor = torch.nn.Module
+if TYPE_CHECKING:
+    from stylize.model.vgg import VGGFeatures as Extractor
+else:
+    Extractor = torch.nn.Module
 
 
 def active_layers(options: StyleOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -166,7 +171,9 @@ class _Job:
         self.network = self.target_network
         if self.network is not None:
             self.network = self.network.with_dtype(self.precision.dtype)
-        self.autocast = lambda: precision.autocast(self.precision.precision, device)
+        self.autocast: Callable[[], contextlib.AbstractContextManager[object]] = lambda: precision.autocast(
+            self.precision.precision, device
+        )
         self.smallest = max((downsampling(name, o.backbone) for name in self.layers), default=1)
 
         self.content = content.to(device, torch.float32)[None]
@@ -197,6 +204,7 @@ class _Job:
             }
         missing = [name for name in self.layers if name not in found]
         if missing:
+            assert self.target_network is not None  # there are layers, so there is a network
             with torch.no_grad():
                 features = self.target_network(_network_input(batch))
                 found |= {name: f.float() for name, f in features.items() if name in missing}
@@ -216,7 +224,9 @@ class _Job:
 
     def _style_statistics(
         self, style: Tensor, output: tuple[int, int], statistics: Callable[[Tensor], object]
-    ) -> dict[str, object]:
+    ) -> dict[str, Any]:
+        """Per style layer: a Tensor or a tuple of them, whichever the style loss's `statistics` makes
+        (and its loss takes, after blend())."""
         features = self._target_features(self._style_input(style, output))
         return {name: statistics(features[name]) for name in self.style_layers}
 
@@ -262,11 +272,12 @@ class _Job:
 
     def _evaluate(self, objective: Objective, image: Tensor) -> Tensor:
         """Loss terms at `image`, [total, content, style, tv]."""
+        # Calling an nn.Module is untyped (Any); Objective.forward returns a Tensor.
         if self.network is None:
-            return objective({}, image)
+            return cast(Tensor, objective({}, image))
         with self.autocast():
             features = self.network(_network_input(image))
-        return objective(features, image)
+        return cast(Tensor, objective(features, image))
 
     def _colored(self, image: Tensor) -> Tensor:
         """The optimized image as the RGB output ([1, 3, H, W])."""
@@ -335,6 +346,7 @@ class _Job:
                     image=self._colored(stepper.output())[0].cpu() if preview_due else None,
                 )
         self._check_cancel()
+        assert stepper is not None and objective is not None  # the plan has at least one scale
         output = stepper.output()
         with torch.no_grad():
             final = self._evaluate(objective, output)
