@@ -170,9 +170,8 @@ def speed_table(edges, content, style, extractor, device, warmup, measured) -> t
 
 def _resize(image: torch.Tensor, edge: int) -> torch.Tensor:
     """The square crop at edge x edge pixels."""
-    return torch.nn.functional.interpolate(
-        image[None], size=(edge, edge), mode="bicubic", antialias=True
-    )[0].clamp(0, 1)
+    resized = torch.nn.functional.interpolate(image[None], size=(edge, edge), mode="bicubic", antialias=True)
+    return resized[0].clamp(0, 1)
 
 
 def finish(options: StyleOptions, content, style, extractor, device) -> dict:
