@@ -262,7 +262,28 @@ _ENUM_FIELDS: dict[str, type[StrEnum]] = {
 }
 
 
+# Bounds of the float options beyond "finite": a loss weight of at most 1e6 times a loss keeps every term far
+# from fp32's range (3.4e38) under every loss normalization, and a step of more than the whole [0, 1] pixel
+# range is no learning rate.
+MAX_LOSS_WEIGHT = 1e6
+MAX_LEARNING_RATE = 1.0
+# A style image's blend weight (before normalization) and a layer's weight inside its loss: beyond this
+# the request is a mistake, and float32 sums start losing the smaller terms.
+MAX_RELATIVE_WEIGHT = 1e6
+# How much of a caller's value a violation repeats: error details must stay small (gRPC's metadata limit).
+ECHO_CHARACTERS = 40
+
+
+def _echo(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARACTERS else text[: ECHO_CHARACTERS - 3] + "..."
+
+
 class _Violations(list[FieldViolation]):
+    # Whether a violation already listed the valid layer names: a request lists them once, however many
+    # of its layers are unknown.
+    listed_layers = False
+
     def add(self, field: str, description: str) -> None:
         self.append(FieldViolation(field, description))
 
@@ -273,17 +294,24 @@ def _check_layers(
     """Report unknown and repeated layers (a Keras alias repeats the layer it names); returns the
     known layers by our names. Names are judged only once the backbone is known to be valid."""
     known: list[str] = []
+    if backbone in LAYERS and len(layers) > len(LAYERS[Backbone(backbone)]):
+        found.add(name, f"at most {len(LAYERS[Backbone(backbone)])} {backbone} layers, got {len(layers)}")
+        return known
     for index, (layer, weight) in enumerate(layers):
         canonical = canonical_layer(layer, backbone)
         if canonical is None and backbone in LAYERS:
-            valid = layer_names(backbone)
-            found.add(f"{name}[{index}].layer", f"unknown {backbone} layer {layer!r}; valid: {valid}")
+            if found.listed_layers:
+                valid = "as listed above (and GetServerInfo.available_layers)"
+            else:
+                valid = layer_names(backbone)
+                found.listed_layers = True
+            found.add(f"{name}[{index}].layer", f"unknown {backbone} layer {_echo(layer)}; valid: {valid}")
         elif canonical in known:
-            found.add(f"{name}[{index}].layer", f"layer {layer!r} is listed twice")
+            found.add(f"{name}[{index}].layer", f"layer {_echo(layer)} is listed twice")
         elif canonical is not None:
             known.append(canonical)
-        if not (_real(weight) and weight >= 0):
-            found.add(f"{name}[{index}].weight", f"must be finite and >= 0, got {weight}")
+        if not (_real(weight) and 0 <= weight <= MAX_RELATIVE_WEIGHT):
+            found.add(f"{name}[{index}].weight", f"must be in [0, {MAX_RELATIVE_WEIGHT:g}], got {weight}")
     return known
 
 
@@ -364,8 +392,8 @@ def _check_styles(
         return
     valid = True
     for index, weight in enumerate(style_weights):
-        if not (_real(weight) and weight >= 0):
-            found.add(f"styles[{index}].weight", f"must be finite and >= 0, got {weight}")
+        if not (_real(weight) and 0 <= weight <= MAX_RELATIVE_WEIGHT):
+            found.add(f"styles[{index}].weight", f"must be in [0, {MAX_RELATIVE_WEIGHT:g}], got {weight}")
             valid = False
     if valid and style_weights and sum(style_weights) <= 0:
         found.add("styles", "the style weights sum to 0; at least one must be positive")
@@ -408,18 +436,30 @@ def validate(
     _check_iterations(found, o, limits, all(sizes.values()))
 
     for field in ("content_weight", "style_weight", "tv_weight"):
-        if not (_real(getattr(o, field)) and getattr(o, field) >= 0):
-            found.add(field, f"must be finite and >= 0, got {getattr(o, field)}")
-    if not (_real(o.learning_rate) and o.learning_rate > 0):
-        found.add("learning_rate", f"must be a finite number > 0, got {o.learning_rate}")
+        if not (_real(getattr(o, field)) and 0 <= getattr(o, field) <= MAX_LOSS_WEIGHT):
+            found.add(field, f"must be in [0, {MAX_LOSS_WEIGHT:g}], got {getattr(o, field)}")
+    if not (_real(o.learning_rate) and 0 < o.learning_rate <= MAX_LEARNING_RATE):
+        found.add("learning_rate", f"must be in (0, {MAX_LEARNING_RATE:g}], got {o.learning_rate}")
     if not (_real(o.ema_decay) and 0 <= o.ema_decay < 1):
         found.add("ema_decay", f"must be in [0, 1), got {o.ema_decay}")
-    if not _whole(o.lbfgs_history, 1):
-        found.add("lbfgs_history", f"must be an integer >= 1, got {o.lbfgs_history}")
+    # Each unit of history holds two image-sized vectors: beyond the iterations a job may run it is memory
+    # that can never be used.
+    if not (_whole(o.lbfgs_history, 1) and o.lbfgs_history <= limits.max_iterations):
+        found.add(
+            "lbfgs_history",
+            f"must be an integer in [1, {limits.max_iterations}] (the iteration limit), "
+            f"got {o.lbfgs_history}",
+        )
     if not (_whole(o.seed, 0) and o.seed < 2**64):
         found.add("seed", f"must be an integer in [0, 2^64), got {o.seed}")
     if not (_real(o.style_scale) and 0 < o.style_scale <= 4):
         found.add("style_scale", f"must be in (0, 4], got {o.style_scale}")
+    elif sizes["min_size"] and round(o.min_size * o.style_scale) < 1:
+        found.add(
+            "style_scale",
+            f"shrinks the style images below one pixel at the first scale (min_size {o.min_size} x "
+            f"{o.style_scale}); use at least {1 / o.min_size:.3g}",
+        )
     elif sizes["size"] and o.size <= limits.max_size < round(o.size * o.style_scale):
         found.add(
             "style_scale",

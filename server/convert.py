@@ -8,7 +8,6 @@ the request's preset's value (stylize.api.presets), or without a preset the engi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
@@ -46,9 +45,6 @@ from stylize.v1 import stylize_pb2 as pb
 from .codec import decode_image
 
 MAX_CLIENT_TAG = 128
-# A style image's blend weight (before normalization) and a layer's weight inside its loss: beyond this
-# the request is a mistake, and float32 sums start losing the smaller terms.
-MAX_RELATIVE_WEIGHT = 1e6
 # The proto's documented default for LayerWeight.weight and StyleImage.weight.
 DEFAULT_WEIGHT = 1.0
 OUTPUT_DEFAULT_ENCODING = "png"
@@ -113,15 +109,6 @@ def _weight(message: pb.LayerWeight | pb.StyleImage) -> float:
 
 def _layers_from_proto(layers: Sequence[pb.LayerWeight]) -> tuple[tuple[str, float], ...]:
     return tuple((layer.layer, _weight(layer)) for layer in layers)
-
-
-def _absurd_weights(weights: Sequence[tuple[str, float]]) -> list[FieldViolation]:
-    """Weights above MAX_RELATIVE_WEIGHT (validate() checks the sign and finiteness)."""
-    return [
-        FieldViolation(path, f"must be at most {MAX_RELATIVE_WEIGHT:g}, got {weight:g}")
-        for path, weight in weights
-        if math.isfinite(weight) and weight > MAX_RELATIVE_WEIGHT
-    ]
 
 
 def options_from_proto(message: pb.StyleOptions, path: str = "options", preset: str = "") -> StyleOptions:
@@ -251,14 +238,6 @@ def request_from_proto(request: pb.StylizeRequest, limits: Limits) -> JobRequest
             )
         except OptionsError as error:
             violations += [replace(v, field=_request_field(v.field)) for v in error.violations]
-        violations += _absurd_weights(
-            [(f"styles[{i}].weight", w) for i, w in enumerate(style_weights)]
-            + [
-                (f"options.{name}[{i}].weight", w)
-                for name in _LAYER_FIELDS
-                for i, (_, w) in enumerate(getattr(options, name))
-            ]
-        )
 
     preview = DEFAULT_PREVIEW
     try:

@@ -18,6 +18,7 @@ from stylize.api.options import (
     downsampling,
     validate,
 )
+from stylize.api.presets import PRESETS
 
 
 def violations(options: StyleOptions, limits: Limits = DEFAULT_LIMITS, **inputs: object) -> dict[str, str]:
@@ -100,10 +101,42 @@ def test_iterations_are_counted_over_all_scales() -> None:
         ({"seed": -1}, "seed"),
         ({"seed": 2**64}, "seed"),
         ({"precision": "fp16"}, "precision"),
+        # Found by attacking a real server (issue 16): each was INTERNAL or a NaN job before.
+        ({"learning_rate": 3e38}, "learning_rate"),
+        ({"tv_weight": 3e38}, "tv_weight"),
+        ({"style_weight": 1e6 * 1.01}, "style_weight"),
+        ({"style_scale": 1e-3}, "style_scale"),
+        ({"style_scale": 1e-30}, "style_scale"),
+        ({"lbfgs_history": 2**32 - 1}, "lbfgs_history"),
+        ({"content_layers": (("relu1_1", 1.0),) * 200_000}, "content_layers"),
     ],
 )
 def test_single_rule(change: dict, field: str) -> None:
     assert set(violations(dataclasses.replace(DEFAULTS, **change))) == {field}
+
+
+def test_the_bounds_admit_the_presets_weights_and_their_edges() -> None:
+    edges = {"learning_rate": 1.0, "style_weight": 1e6, "tv_weight": 0.0, "lbfgs_history": 5000}
+    validate(dataclasses.replace(DEFAULTS, **edges))
+    validate(dataclasses.replace(DEFAULTS, style_scale=1 / DEFAULTS.min_size))
+    for preset in PRESETS.values():
+        validate(preset.options)
+
+
+def test_a_thousand_unknown_layers_give_short_details() -> None:
+    """Each violation names the field and its (truncated) value; the valid names are listed once per
+    request, and a list longer than the network is one violation: the details stay far under the 8 KiB
+    that gRPC's metadata limit allows."""
+    bad = tuple((f"no_such_layer_{i}" * 10, 1.0) for i in range(1000))
+    found = violations(dataclasses.replace(DEFAULTS, content_layers=bad))
+    assert set(found) == {"content_layers"} and "at most 37 vgg19 layers, got 1000" in found["content_layers"]
+    some = tuple((f"{'x' * 500}{i}", 1.0) for i in range(30))
+    with pytest.raises(OptionsError) as caught:
+        validate(dataclasses.replace(DEFAULTS, style_layers=some))
+    details = caught.value.violations
+    assert len(details) == 30 and sum(len(v.field) + len(v.description) for v in details) < 8192
+    assert "valid: conv1_1" in details[0].description and "conv1_1" not in details[1].description
+    assert all(len(v.description) < 700 for v in details)
 
 
 def test_inputs_are_checked() -> None:
