@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,6 +249,29 @@ def test_image_conversion_round_trip_and_alpha_on_white() -> None:
     assert (pil_to_tensor(pil) - image).abs().max() <= 0.5 / 255 + 1e-6
     transparent = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     assert torch.equal(pil_to_tensor(transparent), torch.ones(3, 2, 2))
+
+
+def _gradient_quarters(image: Image.Image) -> list[float]:
+    """The decoded grey of a left-to-right 0..1 gradient, averaged over each quarter of its width."""
+    grey = pil_to_tensor(image)
+    assert grey.shape[0] == 3 and torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    width = grey.shape[-1]
+    return [float(grey[0, :, q * width // 4 : (q + 1) * width // 4].mean()) for q in range(4)]
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "I;16B", "I", "F"])
+def test_grey_modes_decode_to_their_values(mode: str, tmp_path) -> None:
+    """Issue 16: a 16-bit grey PNG's quarters decoded as 0.70 / 0.76 (PIL clips to 8 bits) instead of
+    0.12 / 0.88. Each mode, built from the same 0..1 gradient, must decode to the gradient."""
+    ramp = np.tile(np.linspace(0, 1, 64), (8, 1))
+    white = {"L": 255, "I;16": 65535, "I;16B": 65535, "I": 65535, "F": 255}[mode]
+    dtype = {"L": np.uint8, "I;16": "<u2", "I;16B": ">u2", "I": np.int32, "F": np.float32}[mode]
+    image = Image.frombytes(mode, (64, 8), np.round(ramp * white).astype(dtype).tobytes())
+    if mode in ("L", "I;16"):  # through a real PNG file too, as a caller sends it
+        image.save(tmp_path / "grey.png")
+        image = Image.open(tmp_path / "grey.png")
+    expected = [float(ramp[:, q * 16 : (q + 1) * 16].mean()) for q in range(4)]
+    assert _gradient_quarters(image) == pytest.approx(expected, abs=0.02)
 
 
 def test_lbfgs_accepts_a_non_contiguous_content_image() -> None:

@@ -2,8 +2,10 @@
 
 Decoding policy: the EXIF orientation is applied (a phone photo comes out upright);
 transparency is composited onto white (what a viewer shows for a transparent PNG, and
-VGG has no alpha channel); every other mode (grey, palette, CMYK, 16-bit) is converted
-to 8-bit RGB by PIL.
+VGG has no alpha channel); single-channel modes wider than 8 bits (16-bit and 32-bit integer
+grey, float grey) are scaled by the value that means white, because PIL's own RGB conversion
+clips them to 8 bits (a 16-bit gradient comes out almost all white); every other mode (grey,
+palette, CMYK, 16-bit RGB) is converted to 8-bit RGB by PIL.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
+
+# The value that means white in each wide single-channel mode. "I" is what PNG's 16-bit grey decodes to in
+# some Pillow versions, so it is read on the 16-bit scale; "F" on the 8-bit scale PIL's own conversion uses.
+WIDE_GREY_WHITE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 255}
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -24,6 +30,9 @@ def pil_to_tensor(image: Image.Image) -> Tensor:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
+    if image.mode in WIDE_GREY_WHITE:
+        grey = np.asarray(image, dtype=np.float64) / WIDE_GREY_WHITE[image.mode]
+        return torch.from_numpy(np.clip(grey, 0, 1)).float().expand(3, -1, -1).contiguous()
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
 
