@@ -25,7 +25,7 @@ from PIL import Image
 
 from stylize.api import schedule
 from stylize.api.options import OptionsError
-from stylize.server.engine.records import Cancelled, Progress, Result, Started
+from stylize.server.engine.records import Cancelled, NonFiniteLoss, Progress, Result, Started
 from stylize.v1 import stylize_pb2 as pb
 
 from . import convert
@@ -399,6 +399,10 @@ class JobManager:
             )
         except OptionsError as error:
             return pb.JOB_STATE_FAILED, JobStatus.invalid(error), None
+        except NonFiniteLoss as error:
+            # Valid options whose numbers left fp32's range on these images: nothing to retry as it is.
+            log.warning("job %s: %s", job.id, error)
+            return pb.JOB_STATE_FAILED, JobStatus(grpc.StatusCode.FAILED_PRECONDITION, str(error)), None
         except Exception as error:
             if is_out_of_memory(error):
                 log.warning(

@@ -18,8 +18,9 @@ from stylize.api.options import DEFAULTS, Limits, OptionsError, StyleOptions
 from stylize.model.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine import color
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
+from stylize.server.engine.losses import TVLoss
 from stylize.server.engine.optimizers import LBFGSStepper
-from stylize.server.engine.records import Cancelled, Progress, Result, Started
+from stylize.server.engine.records import Cancelled, NonFiniteLoss, Progress, Result, Started
 from stylize.server.engine.run import stylize
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
@@ -289,3 +290,25 @@ def test_lbfgs_accepts_a_non_contiguous_content_image() -> None:
     before = stepper.output()
     stepper.step(closure)
     assert stepper.output().is_contiguous() and not torch.equal(stepper.output(), before)
+
+
+def test_a_loss_that_stops_being_finite_fails_the_job_naming_the_term(content, style, extractor) -> None:
+    """The guard, fed targets that make the content term NaN: never a NaN image reported as a success."""
+
+    def nan_content(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            features = extractor.configured(layers=["relu4_2"])(batch)
+        return {"relu4_2": torch.full_like(features["relu4_2"], math.nan)}
+
+    with pytest.raises(NonFiniteLoss) as caught:
+        run(content, [(style, 1.0)], small(), extractor, targets=nan_content)
+    assert caught.value.term == "content" and caught.value.iteration == 1
+    assert "content_weight" in str(caught.value) and "not finite at iteration 1" in str(caught.value)
+
+
+def test_total_variation_of_a_one_pixel_edge_is_finite() -> None:
+    row = torch.rand(1, 3, 1, 64, generator=torch.Generator().manual_seed(0))
+    tv = TVLoss()(row)
+    expected = (row[..., 1:] - row[..., :-1]).square().mean()
+    assert torch.isfinite(tv) and torch.allclose(tv, expected)
+    assert float(TVLoss()(torch.rand(1, 3, 1, 1))) == 0.0

@@ -19,7 +19,7 @@ from stylize.server import convert, jobs
 from stylize.server.codec import decode_image
 from stylize.server.config import ENV_PREFIX, build_parser, parse_config
 from stylize.server.engine.imageio import tensor_to_pil
-from stylize.server.engine.records import Cancelled, Losses, Progress, Result, Started
+from stylize.server.engine.records import Cancelled, Losses, NonFiniteLoss, Progress, Result, Started
 from stylize.server.metrics import ServiceMetrics, go_code_name, new_registry
 from stylize.v1 import stylize_pb2 as pb
 
@@ -114,6 +114,14 @@ def test_an_unexpected_engine_error_fails_the_job_with_internal() -> None:
     assert job.state == pb.JOB_STATE_FAILED and job.status.code == grpc.StatusCode.INTERNAL
     # The exception's text goes to the log only; the caller gets the job id to quote.
     assert "boom" not in job.status.message and job.id in job.status.message
+    assert b'stylize_jobs_total{status="failed"} 1.0' in generate_latest(metrics.registry)
+
+
+def test_a_non_finite_loss_fails_the_job_with_failed_precondition_naming_the_options() -> None:
+    [job], metrics = asyncio.run(run_jobs(FakeEngine(fail_at=2, error=NonFiniteLoss("style", 2)), 1))
+    assert job.state == pb.JOB_STATE_FAILED and job.status.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "style loss is not finite at iteration 2" in job.status.message
+    assert "style_weight" in job.status.message
     assert b'stylize_jobs_total{status="failed"} 1.0' in generate_latest(metrics.registry)
 
 

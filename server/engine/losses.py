@@ -204,14 +204,18 @@ STYLE_LOSSES: dict[str, type[GramStyleLoss] | type[MeanCovarianceStyleLoss]] = {
 
 
 class TVLoss(nn.Module):
-    """Total variation: mean squared difference of vertically and horizontally neighbouring pixels."""
+    """Total variation: mean squared difference of vertically and horizontally neighbouring pixels. An
+    image one pixel high (or wide) has no vertical (horizontal) neighbours: that direction adds 0, not the
+    NaN of an empty mean."""
 
     def forward(self, image: Tensor) -> Tensor:
         with _no_autocast(image):
             image = image.float()
-            vertical = (image[..., 1:, :] - image[..., :-1, :]).square().mean()
-            horizontal = (image[..., :, 1:] - image[..., :, :-1]).square().mean()
-            return vertical + horizontal
+            vertical = (image[..., 1:, :] - image[..., :-1, :]).square()
+            horizontal = (image[..., :, 1:] - image[..., :, :-1]).square()
+            return sum(
+                (d.mean() if d.numel() else d.sum() for d in (vertical, horizontal)), image.new_zeros(())
+            )
 
 
 class LayerSum(nn.Module):

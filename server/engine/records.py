@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,3 +61,35 @@ class Result:
 
 class Cancelled(Exception):
     """The job's cancel flag was set; raised within one iteration of it."""
+
+
+# The options that drive each loss term, the suspects when it stops being finite.
+TERM_OPTIONS: dict[str, tuple[str, ...]] = {
+    "content": ("content_weight", "content_layers"),
+    "style": ("style_weight", "style_layers", "style_scale"),
+    "total_variation": ("tv_weight",),
+    "total": ("content_weight", "style_weight", "tv_weight"),
+}
+
+
+class NonFiniteLoss(Exception):
+    """A loss term is NaN or infinite: the job cannot produce a meaningful image, and never reports one."""
+
+    def __init__(self, term: str, iteration: int):
+        self.term = term
+        self.iteration = iteration
+        self.options = TERM_OPTIONS[term]
+        super().__init__(
+            f"the {term.replace('_', ' ')} loss is not finite at iteration {iteration}; "
+            f"the options most likely responsible: {', '.join(self.options)}"
+        )
+
+
+def finite_losses(values: list[float], iteration: int) -> Losses:
+    """The four loss terms as a record; NonFiniteLoss naming the first term (content, style, total
+    variation, then the total) that is not finite."""
+    losses = Losses(*values)
+    for term in ("content", "style", "total_variation", "total"):
+        if not math.isfinite(getattr(losses, term)):
+            raise NonFiniteLoss(term, iteration)
+    return losses

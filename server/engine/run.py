@@ -44,7 +44,7 @@ from stylize.server.engine import color, precision
 from stylize.server.engine.init import initial_image
 from stylize.server.engine.losses import STYLE_LOSSES, ContentLoss, LayerSum, Objective, blend
 from stylize.server.engine.optimizers import AdamStepper, LBFGSStepper, Stepper
-from stylize.server.engine.records import Cancelled, Losses, Progress, Result, Started
+from stylize.server.engine.records import Cancelled, Progress, Result, Started, finite_losses
 
 # Forward-only features of the configured layers for a [1, 3, H, W] RGB batch in [0, 1]
 # (on the engine's device); the returned tensors may live on any device.
@@ -340,7 +340,7 @@ class _Job:
                     scales=len(plan),
                     width=scale.width,
                     height=scale.height,
-                    losses=Losses(*terms.tolist()),
+                    losses=finite_losses(terms.tolist(), iteration),
                     elapsed_seconds=elapsed,
                     eta_seconds=elapsed / work_done * (work_total - work_done),
                     image=self._colored(stepper.output())[0].cpu() if preview_due else None,
@@ -353,7 +353,7 @@ class _Job:
         return_image = self._colored(output)[0].cpu()
         yield Result(
             image=return_image,
-            losses=Losses(*final.tolist()),
+            losses=finite_losses(final.tolist(), iteration),
             iterations=iteration,
             elapsed_seconds=time.perf_counter() - start,
         )
