@@ -223,9 +223,10 @@ DEFAULT_LIMITS = Limits()
 
 
 def downsampling(layer: str, backbone: str = Backbone.VGG19) -> int:
-    """How many times smaller than the input a layer's feature map is (2x per pooling before it)."""
+    """How many times smaller than the input a layer's feature map is: 2x per pooling up to it, itself
+    included (pool5's map is 32 times smaller than the input), so also the smallest input edge it takes."""
     layers = LAYERS[Backbone(backbone)]
-    return int(2 ** sum(name.startswith("pool") for name in layers[: layers.index(layer)]))
+    return int(2 ** sum(name.startswith("pool") for name in layers[: layers.index(layer) + 1]))
 
 
 def with_canonical_layers(options: StyleOptions) -> StyleOptions:
@@ -322,7 +323,8 @@ def _check_sizes(found: _Violations, o: StyleOptions, limits: Limits, smallest: 
         value = getattr(o, field)
         valid[field] = _whole(value, smallest)
         if not valid[field]:
-            found.add(field, f"must be an integer >= {smallest} (the chosen layers need it), got {value}")
+            needs = f"must be an integer >= {smallest} (the deepest chosen layer needs it)"
+            found.add(field, f"{needs}, got {value}")
     if valid["size"] and o.size > limits.max_size:
         found.add("size", f"{o.size} exceeds this server's limit of {limits.max_size} pixels")
     if valid["size"] and valid["min_size"] and o.min_size > o.size:

@@ -201,6 +201,8 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
+    except OSError as error:  # the file is there but cannot be read: say so, not "corrupt"
+        raise ArtifactError(f"cannot read {path}: {error.strerror or type(error).__name__}") from None
     except Exception as error:  # protobuf DecodeError, checker ValidationError, ...: all mean "corrupt"
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise ArtifactError(f"{path} is not a valid ONNX model (corrupt or truncated?): {reason}") from None

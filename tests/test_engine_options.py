@@ -147,11 +147,21 @@ def test_inputs_are_checked() -> None:
     assert set(found) == {"min_size"}  # the first scale would be 128 x 6 pixels
 
 
+@pytest.mark.parametrize(("layer", "edge"), [("pool1", 2), ("pool5", 32), ("relu5_1", 16)])
+def test_a_tapped_layer_refuses_an_output_smaller_than_it_needs(layer: str, edge: int) -> None:
+    """Issue 16: a pool1 tap at 1x1 or pool5 at 16x16 reached the network ("output size 512x0x0")."""
+    taps = {"content_layers": ((layer, 1.0),), "style_layers": ((layer, 1.0),)}
+    options = dataclasses.replace(DEFAULTS, **taps, size=edge - 1, min_size=edge - 1)
+    found = violations(options)
+    assert f"must be an integer >= {edge}" in found["size"] and "min_size" in found
+    validate(dataclasses.replace(options, size=edge, min_size=edge))
+
+
 def test_downsampling_counts_poolings() -> None:
     assert [downsampling(name) for name in ("conv1_1", "relu1_2", "pool1", "relu2_1", "relu5_1")] == [
         1,
         1,
-        1,
+        2,
         2,
         16,
     ]

@@ -319,6 +319,22 @@ def test_corrupt_onnx(vgg19_export, tmp_path, damage, fragment):
     assert_one_line_error(run_cli("--check", str(model_dir)), fragment)
 
 
+def test_an_unreadable_onnx_is_reported_as_unreadable_not_corrupt(vgg19_export, tmp_path, monkeypatch):
+    """Issue 16: a permission-denied .onnx was "not a valid ONNX model". (Tests run as root, for whom
+    chmod denies nothing, so onnx.load itself is made to fail as it does for other users.)"""
+    out, _ = vgg19_export
+    model_dir = copy_artifact(out, tmp_path / "model")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("stylize.model.artifact.onnx.load", denied)
+    with pytest.raises(ArtifactError) as info:
+        load_artifact(model_dir)
+    assert "cannot read" in str(info.value) and "Permission denied" in str(info.value)
+    assert "not a valid ONNX model" not in str(info.value)
+
+
 def test_manifest_digest_disagreeing_with_weights(vgg19_export, tmp_path):
     out, _ = vgg19_export
     model_dir = copy_artifact(out, tmp_path / "model")
