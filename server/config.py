@@ -39,6 +39,8 @@ class ServerConfig:
     grace_seconds: float = 30.0
     on_parity_failure: str = "fail"
     parity_tolerance: float = 1e-3
+    # The state_dict_sha256 digests a served model's weights must have; empty: any.
+    expect_weights_sha256: tuple[str, ...] = ()
     finished_job_ttl: float = 300.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
@@ -90,6 +92,14 @@ def _providers(text: str) -> tuple[str, ...]:
             f"expected 'auto' or a comma-separated list of {','.join(PROVIDER_CHOICES)}, got {text!r}"
         )
     return names
+
+
+def _digests(text: str) -> tuple[str, ...]:
+    digests = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    bad = [d for d in digests if len(d) != 64 or any(c not in "0123456789abcdef" for c in d)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected sha256 hex digests, comma-separated, got {bad[0][:70]!r}")
+    return digests
 
 
 def _device(text: str) -> str:
@@ -173,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest relative error max|ort-torch|/max|torch| the start-up probe accepts (per layer, Gram)",
     )
     add(
+        "--expect-weights-sha256",
+        type=_digests,
+        default="",
+        help="refuse to start unless every served model's weights have one of these digests "
+        "(comma-separated; the manifest's state_dict_sha256, computed again from the .onnx at start-up): "
+        "pins what may serve, so an artifact whose weights and manifest were both changed does not",
+    )
+    add(
         "--finished-job-ttl",
         type=_non_negative_float,
         default=300.0,
@@ -246,6 +264,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         grace_seconds=args.grace_seconds,
         on_parity_failure=args.on_parity_failure,
         parity_tolerance=args.parity_tolerance,
+        expect_weights_sha256=args.expect_weights_sha256,
         finished_job_ttl=args.finished_job_ttl,
         max_message_bytes=args.max_message_bytes,
         limits=Limits(

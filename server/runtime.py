@@ -265,6 +265,12 @@ class Runtime:
             artifacts = load_artifacts(config.model_dir)
         except ArtifactError as error:
             raise StartupError(str(error)) from None
+        for arch, artifact in artifacts.items():
+            digest = artifact.manifest.state_dict_sha256  # load_artifact checked it against the .onnx
+            if config.expect_weights_sha256 and digest not in config.expect_weights_sha256:
+                raise StartupError(
+                    f"{arch} weights have state_dict_sha256 {digest}, not one --expect-weights-sha256 allows"
+                )
         self.devices = resolve_devices(config.device, config.workers)
         self.threads = intra_op_threads(config)
         torch.set_num_threads(self.threads)

@@ -3,6 +3,7 @@ start-up errors, a full queue, deadlines, and graceful shutdown on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -227,6 +228,8 @@ def test_weights_changed_in_the_onnx_but_not_the_manifest_refuse_to_start(model_
         (("--providers", "cuda"), "CUDAExecutionProvider"),
         (("--workers", "0"), "--workers"),
         (("--port", "70000"), "--port"),
+        (("--expect-weights-sha256", "abc"), "--expect-weights-sha256"),
+        (("--expect-weights-sha256", "0" * 64), "not one --expect-weights-sha256 allows"),
     ],
 )
 def test_start_up_errors_are_one_line_and_exit_2(model_dir, args: tuple[str, ...], message: str) -> None:
@@ -238,6 +241,13 @@ def test_start_up_errors_are_one_line_and_exit_2(model_dir, args: tuple[str, ...
     assert result.returncode == 2, result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert message in last_line and "Traceback" not in result.stderr
+
+
+def test_the_pinned_weights_digest_serves(model_dir) -> None:
+    digest = json.loads((model_dir / "vgg19.json").read_text())["state_dict_sha256"]
+    pins = f"{'1' * 64},{digest.upper()}"
+    with ServerProcess(model_dir, "--device", "cpu", "--expect-weights-sha256", pins) as server:
+        assert stub_for(server).GetServerInfo(pb.GetServerInfoRequest(), timeout=10).model.arch == "vgg19"
 
 
 def _torch_sees_cuda() -> bool:
