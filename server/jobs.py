@@ -256,19 +256,29 @@ class JobManager:
             thread.start()
             self._threads.append(thread)
 
+    def admission(self) -> JobStatus | None:
+        """Why a job would be refused now (shutting down, queue full), or None. The service asks before it
+        decodes a request, so a refusal costs no decoding; submit() asks again under the queue's lock."""
+        with self._condition:
+            return self._refusal()
+
+    def _refusal(self) -> JobStatus | None:
+        if self.draining:
+            return SHUTDOWN
+        if len(self._waiting) >= self._max_queue:
+            return JobStatus(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"queue full: {len(self._waiting)} jobs waiting (capacity {self._max_queue})",
+            )
+        return None
+
     def submit(self, request: JobRequest, *, owned_by_call: bool) -> tuple[Job, int]:
         """Queue a job; returns it and the number of jobs waiting ahead of it. Raises Rejected."""
-        if self.draining:
-            raise Rejected(SHUTDOWN)
         job = Job(request, owned_by_call=owned_by_call)
         with self._condition:
-            if len(self._waiting) >= self._max_queue:
-                raise Rejected(
-                    JobStatus(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"queue full: {len(self._waiting)} jobs waiting (capacity {self._max_queue})",
-                    )
-                )
+            refusal = self._refusal()
+            if refusal is not None:
+                raise Rejected(refusal)
             position = len(self._waiting)
             self._waiting.append(job)
             self._metrics.queue_depth.set(len(self._waiting))

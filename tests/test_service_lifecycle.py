@@ -111,6 +111,13 @@ def test_a_full_queue_refuses_the_next_job_with_resource_exhausted(model_dir) ->
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.Stylize(stylize_request(SMALL), timeout=30))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Admission comes before decoding: undecodable bytes are refused for the queue, not as bad input.
+        garbage = stylize_request(SMALL)
+        garbage.content_image = b"not an image"
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.SubmitJob(garbage, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in caught.value.details()
         queue = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).queue
         assert (queue.depth, queue.capacity, queue.running, queue.workers) == (2, 2, 1, 1)
         assert sample(scrape(server.metrics_url), "stylize_queue_depth") == 2
@@ -120,7 +127,7 @@ def test_a_full_queue_refuses_the_next_job_with_resource_exhausted(model_dir) ->
             pb.JOB_STATE_CANCELLED
         )
         assert stub.SubmitJob(stylize_request(SMALL), timeout=10).queue_position == 1
-        assert sample(scrape(server.metrics_url), "stylize_jobs_total", status="rejected") == 2
+        assert sample(scrape(server.metrics_url), "stylize_jobs_total", status="rejected") == 3
 
 
 def test_sigterm_lets_jobs_finish_within_the_grace_period_cancels_the_rest_and_exits_0(model_dir) -> None:
