@@ -312,3 +312,12 @@ def test_total_variation_of_a_one_pixel_edge_is_finite() -> None:
     expected = (row[..., 1:] - row[..., :-1]).square().mean()
     assert torch.isfinite(tv) and torch.allclose(tv, expected)
     assert float(TVLoss()(torch.rand(1, 3, 1, 1))) == 0.0
+
+
+@pytest.mark.parametrize("changes", [{"init": "style_stats"}, {"color": "luminance"}])
+def test_a_one_pixel_style_gives_finite_statistics(changes, content, extractor) -> None:
+    """Issue 16: init=STYLE_STATS or color=LUMINANCE with a 1x1 style ended OK with NaN losses (an unbiased
+    standard deviation of one value); now the job runs to finite losses (the guard would fail it)."""
+    dot = torch.rand(3, 1, 1, generator=torch.Generator().manual_seed(1))
+    _, result = run(content, [(dot, 1.0)], small(**changes), extractor)
+    assert math.isfinite(result.losses.total) and torch.isfinite(result.image).all()

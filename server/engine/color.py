@@ -58,9 +58,11 @@ def luminance(image: Tensor) -> Tensor:
 
 
 def match_luminance(style_y: Tensor, content_y: Tensor) -> Tensor:
-    """Shift and scale the style's luminance to the content's mean and standard deviation."""
-    style_std = style_y.std().clamp(min=1e-6)
-    return ((style_y - style_y.mean()) * (content_y.std() / style_std) + content_y.mean()).clamp(0, 1)
+    """Shift and scale the style's luminance to the content's mean and standard deviation (population
+    statistics: a one-pixel image has spread 0, not NaN; a flat style stays flat)."""
+    style_std = style_y.std(correction=0).clamp(min=1e-6)
+    scale = content_y.std(correction=0) / style_std
+    return ((style_y - style_y.mean()) * scale + content_y.mean()).clamp(0, 1)
 
 
 def with_chroma(y: Tensor, content: Tensor) -> Tensor:

@@ -39,6 +39,8 @@ def initial_image(
     total = sum(weight for _, weight in styles)
     # sum() of tensors is a tensor (there is at least one style); mypy sees `Tensor | Literal[0]`.
     mean = cast(Tensor, sum(style.mean(dim=(1, 2)) * (weight / total) for style, weight in styles))
-    std = cast(Tensor, sum(style.std(dim=(1, 2)) * (weight / total) for style, weight in styles))
+    # Population statistics (correction 0): a one-pixel style has spread 0, not the NaN of n - 1 = 0.
+    spreads = (style.std(dim=(1, 2), correction=0) * (weight / total) for style, weight in styles)
+    std = cast(Tensor, sum(spreads))
     normal = torch.randn(tuple(content.shape), generator=_generator(seed)).to(content.device)
     return (normal * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
