@@ -278,56 +278,21 @@ QUALITY_EDGE = 96
 CONTENT_BOUND = 0.95
 # The fall of the mean style error from the content image's own (issue 12's 90%). Measured here: 93.3%.
 STYLE_FALL = 0.9
-SCORE_LAYERS = ("relu4_2", "relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-
-
-def _sample(name: str) -> torch.Tensor:
-    array = np.asarray(Image.open(SAMPLES / name).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def _resized(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    return torch.nn.functional.interpolate(
-        image[None], size=(height, width), mode="bicubic", antialias=True
-    ).clamp(0, 1)
-
-
-def _errors(network, image: torch.Tensor, content: torch.Tensor, style: torch.Tensor) -> tuple[float, float]:
-    """(content error, mean style error) of `image` [3, H, W] with the real fp32 network: relu4_2 relative L2
-    to the content at the image's size; Gram relative Frobenius per style layer to the style resized to the
-    image's longest edge (the engine's keep-aspect rule), averaged over relu1_1..relu5_1."""
-    height, width = image.shape[-2:]
-    scale = max(height, width) / max(style.shape[-2:])
-    with torch.no_grad():
-        out = network(image[None].float())
-        target = network(_resized(content, height, width))
-        styled = network(_resized(style, round(style.shape[-2] * scale), round(style.shape[-1] * scale)))
-
-    def gram(features: torch.Tensor) -> torch.Tensor:
-        flat = features.flatten(2)[0]
-        return flat @ flat.T / flat.shape[1]
-
-    content_error = float((out["relu4_2"] - target["relu4_2"]).norm() / target["relu4_2"].norm())
-    style_errors = [
-        float((gram(out[name]) - gram(styled[name])).norm() / gram(styled[name]).norm())
-        for name in SCORE_LAYERS[1:]
-    ]
-    return content_error, sum(style_errors) / len(style_errors)
-
-
 @pytest.fixture(scope="module")
-def transfer(resolved) -> dict[str, object]:
+def transfer(resolved) -> dict[str, tuple[float, float]]:
     """One job at the defaults with the real weights and one with seeded random weights, on chelsea and the
-    Hubble field at 96 px, scored with the real network: the errors of both outputs and of the content."""
+    Hubble field at 96 px, scored with the real network by bench/quality.py's measure (the one that chose
+    the defaults): (content error, mean style error) of both outputs and of the content image itself."""
+    from bench.quality import CONTENT_LAYER, STYLE_LAYERS, Scorer, load
     from stylize.api.options import DEFAULTS
     from stylize.model.vgg import VGGFeatures, random_state_dict
     from stylize.server.engine.records import Result
     from stylize.server.engine.run import stylize
 
-    content, style = _sample("chelsea.png"), _sample("hubble_deep_field.jpg")
-    real = VGGFeatures(layers=SCORE_LAYERS, normalization=resolved.normalization)
-    real.load_weights(resolved.state_dict)
-    random = VGGFeatures(layers=SCORE_LAYERS).load_weights(random_state_dict(0))
+    content, style = load("chelsea.png"), load("hubble_deep_field.jpg")
+    layers = (CONTENT_LAYER, *STYLE_LAYERS)
+    real = VGGFeatures(layers=layers, normalization=resolved.normalization).load_weights(resolved.state_dict)
+    random = VGGFeatures(layers=layers).load_weights(random_state_dict(0))
     # fp32: the same numbers on every CPU (AUTO would pick bf16 only where the hardware has it).
     options = dataclasses.replace(DEFAULTS, size=QUALITY_EDGE, min_size=QUALITY_EDGE // 4, precision="fp32")
     outputs = {}
@@ -335,11 +300,14 @@ def transfer(resolved) -> dict[str, object]:
         records = list(stylize(content, [(style, 1.0)], options, extractor, device=torch.device("cpu")))
         assert isinstance(records[-1], Result)
         outputs[name] = records[-1].image
-    image = outputs["real"]
-    assert max(image.shape[-2:]) == QUALITY_EDGE
-    found = {name: _errors(real, out, content, style) for name, out in outputs.items()}
-    found["content"] = _errors(real, _resized(content, *image.shape[-2:])[0], content, style)
-    return found
+    height, width = outputs["real"].shape[-2:]
+    assert max(height, width) == QUALITY_EDGE
+    scorer = Scorer(real, content, style, (height, width))
+    outputs["content"] = scorer.content[0]
+    return {
+        name: (float(errors["content_error"]), float(errors["style_error"]))
+        for name, errors in ((name, scorer.score(image)) for name, image in outputs.items())
+    }
 
 
 def test_real_weights_keep_more_of_the_content_than_random_ones(transfer):
