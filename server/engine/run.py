@@ -13,7 +13,6 @@ unsynchronized between records (Adam; L-BFGS syncs inside torch's implementation
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -84,11 +83,11 @@ def stylize(
     The generator yields a Started record (the plan and the precision), then a Progress per
     iteration (every `progress_every`-th, and always the last of each scale and any iteration
     with a preview due), its `image` set when `preview_every` divides the 1-based iteration,
-    then one Result. It raises Cancelled within
-    one iteration of `cancel` being set. `targets`, when given, must compute the same features
-    as `extractor` configured with the job's pooling and padding; layers it does not return
-    come from the torch extractor. The extractor's parameters are moved to `device`; its `arch`
-    must be the options' backbone. Layers may be given by their Keras aliases.
+    then one Result. It raises Cancelled within one iteration of `cancel` being set. `targets`,
+    when given, must compute the same features as `extractor` configured with the job's pooling
+    and padding; layers it does not return come from the torch extractor. The extractor's
+    parameters are moved to `device`; its `arch` must be the options' backbone. Layers may be
+    given by their Keras aliases.
     """
     violations = _image_violations(content, styles)
     arch = getattr(extractor, "arch", Backbone.VGG19)
@@ -171,9 +170,6 @@ class _Job:
         self.network = self.target_network
         if self.network is not None:
             self.network = self.network.with_dtype(self.precision.dtype)
-        self.autocast: Callable[[], contextlib.AbstractContextManager[object]] = lambda: precision.autocast(
-            self.precision.precision, device
-        )
         self.smallest = max((downsampling(name, o.backbone) for name in self.layers), default=1)
 
         self.content = content.to(device, torch.float32)[None]
@@ -275,7 +271,7 @@ class _Job:
         # Calling an nn.Module is untyped (Any); Objective.forward returns a Tensor.
         if self.network is None:
             return cast(Tensor, objective({}, image))
-        with self.autocast():
+        with precision.autocast(self.precision.precision, self.device):
             features = self.network(_network_input(image))
         return cast(Tensor, objective(features, image))
 
