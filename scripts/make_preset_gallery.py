@@ -23,19 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from bench.quality import PAIRS
+from bench.quality import PAIRS, load
 from stylize.api.options import DEFAULTS, Backbone, StyleOptions
 from stylize.api.presets import PRESETS
 from stylize.model.artifact import load_artifact
 from stylize.model.vgg import VGGFeatures, random_state_dict
-from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
+from stylize.server.engine.imageio import tensor_to_pil
 from stylize.server.engine.records import Result
 from stylize.server.engine.run import stylize
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLES = REPO / "assets" / "samples"
 OUT = REPO / "assets" / "presets"
 PAIRS_OUT = REPO / "assets" / "pairs"
 EDGE = 128
@@ -60,10 +58,6 @@ def extractor(arch: Backbone, weights_dir: Path | None) -> tuple[VGGFeatures, st
         artifact = load_artifact(weights_dir, arch)
         return artifact.build_extractor(), artifact.manifest.weights
     return VGGFeatures(arch=arch).load_weights(random_state_dict(0, arch)), "random"
-
-
-def load(name: str) -> torch.Tensor:
-    return pil_to_tensor(Image.open(SAMPLES / name))
 
 
 def render(
