@@ -42,6 +42,7 @@ from stylize.api.options import DEFAULTS, StyleOptions
 from stylize.api.presets import PRESETS
 from stylize.api.schedule import fit
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
+from stylize.server.engine.losses import gram_matrix
 from stylize.server.engine.records import Progress, Result, Started
 from stylize.server.engine.run import stylize
 
@@ -100,11 +101,6 @@ def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(image, size=(height, width), mode="bicubic", antialias=True).clamp(0, 1)
 
 
-def gram(features: torch.Tensor) -> torch.Tensor:
-    flat = features.flatten(2)[0]
-    return flat @ flat.T / flat.shape[1]
-
-
 class Scorer:
     """The two errors of an image against a content and a style, with the real fp32 network."""
 
@@ -117,7 +113,7 @@ class Scorer:
         with torch.no_grad():
             self.content_features = self.network(self.content)[CONTENT_LAYER]
             style_features = self.network(_resize(style[None], style_height, style_width))
-            self.style_grams = {name: gram(style_features[name]) for name in STYLE_LAYERS}
+            self.style_grams = {name: gram_matrix(style_features[name]) for name in STYLE_LAYERS}
 
     def score(self, image: torch.Tensor) -> dict[str, object]:
         with torch.no_grad():
@@ -125,7 +121,8 @@ class Scorer:
         target = self.content_features
         content = float((features[CONTENT_LAYER] - target).norm() / target.norm())
         style = {
-            name: float((gram(features[name]) - g).norm() / g.norm()) for name, g in self.style_grams.items()
+            name: float((gram_matrix(features[name]) - gram).norm() / gram.norm())
+            for name, gram in self.style_grams.items()
         }
         mean = statistics.fmean(style.values())
         return {"content_error": content, "style_error": mean, "style_layers": style}
