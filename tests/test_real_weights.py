@@ -278,6 +278,8 @@ QUALITY_EDGE = 96
 CONTENT_BOUND = 0.95
 # The fall of the mean style error from the content image's own (issue 12's 90%). Measured here: 93.3%.
 STYLE_FALL = 0.9
+
+
 @pytest.fixture(scope="module")
 def transfer(resolved) -> dict[str, tuple[float, float]]:
     """One job at the defaults with the real weights and one with seeded random weights, on chelsea and the
