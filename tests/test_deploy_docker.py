@@ -215,3 +215,100 @@ def test_image_installs_every_declared_dependency_pinned() -> None:
     arguments = words[words.index("install") + 1 :]
     installed = {canonicalize_name(w) for w in arguments if not w.startswith("-") and not w.endswith(".txt")}
     assert installed == set(declared), "the Dockerfile's dependency install differs from pyproject.toml"
+
+
+# ---------------------------------------------------------------- ENV values as Docker expands them
+
+# What the CUDA base image sets (nvidia/cuda's base Dockerfile: where the NVIDIA runtime may mount the
+# driver's libraries) and what any Ubuntu image sets.
+BASE_IMAGE_ENV = {
+    "PATH": "/usr/local/nvidia/bin:/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin",
+    "LD_LIBRARY_PATH": "/usr/local/nvidia/lib:/usr/local/nvidia/lib64",
+}
+
+
+def docker_expand(word: str, environ: dict[str, str]) -> str:
+    """Docker's ENV substitution: $VAR, ${VAR}, ${VAR:-word} and ${VAR:+word}, words expanded in turn."""
+    out, index = "", 0
+    while index < len(word):
+        if word[index] != "$":
+            out += word[index]
+            index += 1
+            continue
+        if word.startswith("${", index):
+            depth, end = 1, index + 2
+            while depth:
+                if word.startswith("${", end):
+                    depth, end = depth + 1, end + 2
+                    continue
+                depth -= word[end] == "}"
+                end += 1
+            inner = word[index + 2 : end - 1]
+            name, modifier, rest = re.fullmatch(r"(\w+)(?::([-+]))?(.*)", inner, re.S).groups()
+            value = environ.get(name, "")
+            if modifier == "+":
+                value = docker_expand(rest, environ) if value else ""
+            elif modifier == "-":
+                value = value or docker_expand(rest, environ)
+            out += value
+            index = end
+        else:
+            name = re.match(r"\w*", word[index + 1 :]).group()
+            out += environ.get(name, "") if name else "$"
+            index += 1 + len(name)
+    return out
+
+
+def runtime_env(base: dict[str, str]) -> dict[str, str]:
+    """The runtime stage's environment: the base image's, then each ENV of the last stage in order."""
+    environ = dict(base)
+    stages: list[list[str]] = [[]]  # ENV instructions per stage
+    for keyword, arguments in instructions(DOCKERFILE.read_text()):
+        if keyword == "FROM":
+            stages.append([])
+        elif keyword == "ENV":
+            stages[-1].append(arguments)
+    for arguments in stages[-1]:
+        # One ENV instruction substitutes the values from before it, not those it sets itself.
+        before = dict(environ)
+        for word in shlex.split(arguments):
+            name, value = word.split("=", 1)
+            environ[name] = docker_expand(value, before)
+    return environ
+
+
+def test_docker_expand_follows_dockers_rules() -> None:
+    environ = {"A": "x", "EMPTY": ""}
+    assert docker_expand("/p${A:+:${A}}", environ) == "/p:x"
+    assert docker_expand("/p${B:+:${B}}", environ) == "/p"
+    assert docker_expand("/p${EMPTY:+:${EMPTY}}", environ) == "/p"
+    assert docker_expand("${B:-/d}:$A/${A}", environ) == "/d:x/x"
+
+
+@pytest.mark.parametrize("variable", ["PATH", "LD_LIBRARY_PATH"])
+def test_search_paths_extend_the_base_images_value(variable: str) -> None:
+    """PATH and LD_LIBRARY_PATH add the venv's folders before the base image's, which they keep: the CUDA
+    base's /usr/local/nvidia/lib* entries must survive (a plain assignment would drop them)."""
+    kept = runtime_env(BASE_IMAGE_ENV)[variable].split(":")
+    base = BASE_IMAGE_ENV[variable].split(":")
+    assert kept[len(kept) - len(base) :] == base, kept
+    added = kept[: len(kept) - len(base)]
+    assert added and all(entry.startswith("/opt/venv/") for entry in added), added
+
+
+def test_library_path_has_no_empty_entry_when_the_base_sets_none() -> None:
+    """A base image without LD_LIBRARY_PATH (CUDA_BASE is a build argument) must not leave a trailing `:`:
+    an empty entry is the working directory, /var/cache/stylize, which the server can write."""
+    entries = runtime_env({"PATH": "/usr/bin:/bin"})["LD_LIBRARY_PATH"].split(":")
+    assert entries and "" not in entries, entries
+
+
+def test_tensorrt_libraries_are_in_the_venv_the_builder_creates() -> None:
+    (venv_command,) = [
+        arguments
+        for keyword, arguments in instructions(DOCKERFILE.read_text())
+        if keyword == "RUN" and " -m venv /opt/venv" in arguments
+    ]
+    python = re.search(r"(python3\.\d+) -m venv", venv_command).group(1)
+    library_path = runtime_env(BASE_IMAGE_ENV)["LD_LIBRARY_PATH"].split(":")
+    assert f"/opt/venv/lib/{python}/site-packages/tensorrt_libs" in library_path
