@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,13 @@ DEFAULT_METRICS_PORT = 9464
 # Large enough for a maximum-size input image plus a few styles; the client sets the same.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 PROVIDER_CHOICES = ("tensorrt", "cuda", "cpu")
+MEMORY_BROKER = "memory"
+# A job's worker renews its lease well within this; a job whose lease is this old is run elsewhere.
+DEFAULT_LEASE_SECONDS = 15.0
+DEFAULT_MAX_ATTEMPTS = 3
+# Connections older than this get GOAWAY (clients re-resolve and reach pods added since); running streams
+# are never cut: there is no grace limit, a stream finishes on its old connection.
+DEFAULT_MAX_CONNECTION_AGE_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,10 @@ class ServerConfig:
     # The state_dict_sha256 digests a served model's weights must have; empty: any.
     expect_weights_sha256: tuple[str, ...] = ()
     finished_job_ttl: float = 300.0
+    broker: str = MEMORY_BROKER
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_connection_age: float = DEFAULT_MAX_CONNECTION_AGE_SECONDS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
     log_level: str = "INFO"
@@ -102,6 +114,28 @@ def _digests(text: str) -> tuple[str, ...]:
     return digests
 
 
+def _broker(text: str) -> str:
+    if text == MEMORY_BROKER:
+        return text
+    parts = urllib.parse.urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    path = parts.path.lstrip("/")
+    if parts.scheme != "redis" or not parts.hostname or port is None or not (path == "" or path.isdigit()):
+        expected = f"expected {MEMORY_BROKER} or redis://HOST:PORT/DB"
+        raise argparse.ArgumentTypeError(f"{expected}, got {text[:80]!r}")
+    return text
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _device(text: str) -> str:
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
@@ -143,7 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="torch intra-op threads per worker; 0 = the usable CPU cores divided by --workers",
     )
-    add("--max-queue", type=_positive_int, default=16, help="jobs that may wait; more get RESOURCE_EXHAUSTED")
+    add(
+        "--max-queue",
+        type=_positive_int,
+        default=16,
+        help="jobs that may wait (with the redis broker: across the fleet); more get RESOURCE_EXHAUSTED",
+    )
     add(
         "--device",
         type=_device,
@@ -195,6 +234,34 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=300.0,
         help="seconds a finished job stays watchable",
+    )
+    add(
+        "--broker",
+        type=_broker,
+        default=MEMORY_BROKER,
+        help=f"where jobs wait and their events go: {MEMORY_BROKER} (this process only) or "
+        "redis://HOST:PORT/DB (a fleet: any replica serves any job; README: Running a fleet)",
+    )
+    add(
+        "--lease-seconds",
+        type=_positive_float,
+        default=DEFAULT_LEASE_SECONDS,
+        help="redis broker: a running job whose worker has not renewed its lease for this long is run "
+        "again by another worker",
+    )
+    add(
+        "--max-attempts",
+        type=_positive_int,
+        default=DEFAULT_MAX_ATTEMPTS,
+        help="redis broker: runs a job gets (the first included) before it fails, so a job that kills "
+        "its worker cannot loop forever",
+    )
+    add(
+        "--max-connection-age-seconds",
+        type=_positive_float,
+        default=DEFAULT_MAX_CONNECTION_AGE_SECONDS,
+        help="connections older than this are asked to reconnect (GOAWAY; running streams finish), so "
+        "clients re-resolve and reach new replicas",
     )
     add(
         "--max-message-bytes",
@@ -266,6 +333,10 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         parity_tolerance=args.parity_tolerance,
         expect_weights_sha256=args.expect_weights_sha256,
         finished_job_ttl=args.finished_job_ttl,
+        broker=args.broker,
+        lease_seconds=args.lease_seconds,
+        max_attempts=args.max_attempts,
+        max_connection_age=args.max_connection_age_seconds,
         max_message_bytes=args.max_message_bytes,
         limits=Limits(
             max_size=args.max_size,

@@ -290,9 +290,10 @@ def queued_event(position: int) -> pb.JobEvent:
     return pb.JobEvent(queued=pb.Queued(position=position))
 
 
-def started_event(device: str, started: Started, targets_backend: str) -> pb.JobEvent:
+def started_event(device: str, started: Started, targets_backend: str, attempt: int = 1) -> pb.JobEvent:
     return pb.JobEvent(
         started=pb.Started(
+            attempt=attempt,
             device=device,
             scales=[pb.Size(width=w, height=h) for w, h in started.scales],
             iterations_total=started.iterations_total,
@@ -302,6 +303,10 @@ def started_event(device: str, started: Started, targets_backend: str) -> pb.Job
             warnings=started.warnings,
         )
     )
+
+
+def retrying_event(attempt: int, max_attempts: int, reason: str) -> pb.JobEvent:
+    return pb.JobEvent(retrying=pb.Retrying(attempt=attempt, max_attempts=max_attempts, reason=reason))
 
 
 def progress_event(progress: Progress, preview: pb.EncodedImage | None) -> pb.JobEvent:

@@ -20,10 +20,17 @@ class JobStatus:
     code: grpc.StatusCode
     message: str
     violations: tuple[FieldViolation, ...] = field(default=())
+    # Why, for the stylize_jobs metric's `reason` label where the code alone does not say (queue_full,
+    # oom, ...); empty: the code's name, lower case.
+    reason: str = ""
 
     @classmethod
     def invalid(cls, error: OptionsError) -> JobStatus:
         return cls(grpc.StatusCode.INVALID_ARGUMENT, str(error), tuple(error.violations))
+
+    @property
+    def outcome_reason(self) -> str:
+        return self.reason or self.code.name.lower()
 
     def to_rpc_status(self) -> grpc.Status:
         detail = status_pb2.Status(code=getattr(code_pb2, self.code.name), message=self.message)

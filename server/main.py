@@ -33,7 +33,10 @@ from grpc_reflection.v1alpha import reflection
 
 from stylize.v1 import stylize_pb2, stylize_pb2_grpc
 
-from .config import ServerConfig, parse_config
+from .broker import Broker
+from .broker.memory import MemoryBroker
+from .broker.redis import RedisBroker
+from .config import MEMORY_BROKER, ServerConfig, parse_config
 from .errors import MalformedRequestInterceptor
 from .jobs import JobManager
 from .metrics import GrpcMetricsInterceptor, ServiceMetrics, new_registry, serve_metrics
@@ -44,6 +47,8 @@ log = logging.getLogger("stylize.server")
 
 SERVICE_NAME = stylize_pb2.DESCRIPTOR.services_by_name["StyleTransfer"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# How often health looks at the broker's reachability.
+HEALTH_POLL_SECONDS = 0.5
 # Time streams get after the jobs ended to deliver their final status before connections close.
 STOP_GRACE_SECONDS = 5.0
 KEEPALIVE_OPTIONS = (
@@ -64,11 +69,52 @@ class _Started:
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    # No grpc.max_connection_age_grace_ms: its default (infinite) lets a stream running at GOAWAY finish.
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_connection_age_ms", round(config.max_connection_age * 1000)),
         *KEEPALIVE_OPTIONS,
     ]
+
+
+def open_broker(config: ServerConfig, loop: asyncio.AbstractEventLoop) -> Broker:
+    if config.broker == MEMORY_BROKER:
+        return MemoryBroker(max_queue=config.max_queue, finished_job_ttl=config.finished_job_ttl, loop=loop)
+    return RedisBroker(
+        config.broker,
+        loop=loop,
+        limits=config.limits,
+        max_queue=config.max_queue,
+        finished_job_ttl=config.finished_job_ttl,
+        lease_seconds=config.lease_seconds,
+        max_attempts=config.max_attempts,
+    )
+
+
+async def _follow_health(
+    health_servicer: health.aio.HealthServicer,
+    metrics: ServiceMetrics,
+    runtime: Runtime,
+    manager: JobManager,
+) -> None:
+    """SERVING exactly while the model passed its probe, the broker answers and the server is not
+    draining; polled, so a broker that comes back is served again with no restart."""
+    serving: bool | None = None
+    while not manager.draining:
+        up = manager.broker.available
+        metrics.broker_up.set(1 if up else 0)
+        now = runtime.ready and up
+        if now != serving:
+            if serving is not None:
+                log.warning("%s: broker %s", "SERVING again" if now else "NOT_SERVING", manager.broker.name)
+            serving = now
+            await _set_health(
+                health_servicer,
+                health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+            metrics.serving.set(1 if now else 0)
+        await asyncio.sleep(HEALTH_POLL_SECONDS)
 
 
 def _record_runtime(metrics: ServiceMetrics, runtime: Runtime) -> None:
@@ -137,21 +183,15 @@ async def serve(config: ServerConfig) -> int:
             log.info("signal received during start-up; exiting")
             return 0
         runtime = loading.result()
-        manager = JobManager(
-            runtime,
-            metrics,
-            workers=config.workers,
-            max_queue=config.max_queue,
-            finished_job_ttl=config.finished_job_ttl,
-            loop=loop,
-        )
+        broker = open_broker(config, loop)
+        await broker.start()
+        manager = JobManager(runtime, metrics, broker, workers=config.workers)
         manager.start()
         started.runtime, started.manager = runtime, manager
         _record_runtime(metrics, runtime)
         ready_seconds = time.monotonic() - began
+        health_task = asyncio.ensure_future(_follow_health(health_servicer, metrics, runtime, manager))
         if runtime.ready:
-            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-            metrics.serving.set(1)
             log.info(
                 "SERVING after %.2f s: device %s; %s",
                 ready_seconds,
@@ -168,6 +208,7 @@ async def serve(config: ServerConfig) -> int:
         await stopped
         stop.clear()
         log.info("shutting down: NOT_SERVING, draining jobs for up to %.0f s", config.grace_seconds)
+        health_task.cancel()
         metrics.serving.set(0)
         await health_servicer.enter_graceful_shutdown()
         draining = asyncio.ensure_future(manager.drain(config.grace_seconds))
@@ -178,6 +219,7 @@ async def serve(config: ServerConfig) -> int:
             manager.end_grace()
             await draining
         again.cancel()
+        await broker.close()
         return 0
     finally:
         await server.stop(STOP_GRACE_SECONDS)

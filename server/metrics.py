@@ -28,13 +28,23 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-JOB_STATUSES = ("succeeded", "failed", "cancelled", "rejected")
 # Jobs run for seconds to minutes, and may wait about as long.
 JOB_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+# A job taken by an idle worker waits milliseconds: the buckets below 0.1 s tell that apart from a queue.
+QUEUE_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, *JOB_SECONDS_BUCKETS)
 # One optimizer iteration: milliseconds (small images on a GPU) to seconds (large ones on a CPU).
 ITERATION_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # RPCs range from sub-millisecond unary calls to streams as long as a job.
 RPC_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# The `size_class` label: a job's requested long edge, at most this many pixels.
+SIZE_CLASSES = (("small", 256), ("medium", 512), ("large", 1024))
+LARGEST_SIZE_CLASS = "xlarge"
+JOB_PHASES = ("targets", "optimize", "encode")
+REJECTION_REASONS = ("invalid_argument", "queue_full", "deadline_too_short", "shutdown", "unavailable")
+
+
+def size_class(size: int) -> str:
+    return next((name for name, edge in SIZE_CLASSES if size <= edge), LARGEST_SIZE_CLASS)
 
 
 class ServiceMetrics:
@@ -42,28 +52,75 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        self.jobs = Counter("stylize_jobs", "Jobs by final status.", ["status"], registry=registry)
-        for status in JOB_STATUSES:
-            self.jobs.labels(status)
+        self.jobs = Counter(
+            "stylize_jobs",
+            "Jobs by outcome: status, the reason (ok, queue_full, oom, deadline, ...) and the backbone.",
+            ["status", "reason", "arch"],
+            registry=registry,
+        )
+        # Refusals carry no arch (the request may not even parse); the alerts subtract deadline_too_short
+        # from the gRPC errors, so its series must exist before the first refusal.
+        for reason in REJECTION_REASONS:
+            self.jobs.labels("rejected", reason, "")
         self.queue_wait = Histogram(
             "stylize_queue_wait_seconds",
             "Time from acceptance to start on a worker.",
-            buckets=JOB_SECONDS_BUCKETS,
+            buckets=QUEUE_SECONDS_BUCKETS,
             registry=registry,
         )
+        sized = [name for name, _ in SIZE_CLASSES] + [LARGEST_SIZE_CLASS]
         self.job_duration = Histogram(
             "stylize_job_duration_seconds",
-            "Time a job ran on its worker (queue wait excluded).",
+            "Time a job ran on its worker (queue wait excluded), by requested size class.",
+            ["size_class"],
             buckets=JOB_SECONDS_BUCKETS,
             registry=registry,
         )
         self.iteration = Histogram(
             "stylize_iteration_seconds",
-            "Time of one optimizer iteration.",
+            "Time of one optimizer iteration, by requested size class.",
+            ["size_class"],
             buckets=ITERATION_SECONDS_BUCKETS,
             registry=registry,
         )
-        self.queue_depth = Gauge("stylize_queue_depth", "Jobs waiting for a worker.", registry=registry)
+        for name in sized:
+            self.job_duration.labels(name)
+            self.iteration.labels(name)
+        self.job_phase = Histogram(
+            "stylize_job_phase_seconds",
+            "A succeeded job's time by phase: targets (features of content and styles), optimize, encode.",
+            ["phase"],
+            buckets=JOB_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        for phase in JOB_PHASES:
+            self.job_phase.labels(phase)
+        self.time_to_first_progress = Histogram(
+            "stylize_time_to_first_progress_seconds",
+            "Time from a worker taking a job to its first progress event.",
+            buckets=QUEUE_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "stylize_queue_depth",
+            "Jobs waiting that this server's workers may take: its own (memory broker) or the fleet's.",
+            registry=registry,
+        )
+        self.fleet_queue_depth = Gauge(
+            "stylize_fleet_queue_depth",
+            "Jobs waiting across the fleet (every replica on one Redis broker reports the same figure).",
+            registry=registry,
+        )
+        self.queue_capacity = Gauge(
+            "stylize_queue_capacity", "Jobs that may wait before new ones are refused.", registry=registry
+        )
+        self.workers = Gauge("stylize_workers", "Worker threads (one per device).", registry=registry)
+        self.watchers = Gauge(
+            "stylize_watchers", "Streams following a job on this server.", registry=registry
+        )
+        self.broker_up = Gauge(
+            "stylize_broker_up", "1 while the job broker answers (always 1 in memory).", registry=registry
+        )
         self.in_progress = Gauge("stylize_jobs_in_progress", "Jobs running on a worker.", registry=registry)
         self.pixel_iterations = Counter(
             "stylize_pixel_iterations",

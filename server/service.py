@@ -24,14 +24,15 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from stylize.api.options import DEFAULTS, LAYERS, Backbone, FieldViolation, OptionsError
+from stylize.api.options import DEFAULTS, ECHO_CHARACTERS, LAYERS, Backbone, FieldViolation, OptionsError
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
 
 from . import convert
+from .broker import SHUTDOWN, BrokerUnavailable, JobEnd, Rejected
 from .config import ServerConfig
 from .errors import JobStatus, abort
-from .jobs import Job, JobManager, Rejected
+from .jobs import JobManager
 from .metrics import ServiceMetrics
 from .runtime import Model, Runtime
 
@@ -65,6 +66,8 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         # Both appear once start-up finished; until then calls get UNAVAILABLE.
         self._runtime = runtime_ready
         self._manager = manager
+        # Cancellations started for callers that left, kept so they are not garbage-collected mid-way.
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ helpers
 
@@ -83,19 +86,24 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
                 ),
             )
         if manager.draining:
-            await abort(context, JobStatus(grpc.StatusCode.UNAVAILABLE, "server shutting down"))
+            await abort(context, SHUTDOWN)
+        await self._require_broker(manager, context)
         return manager
 
+    async def _require_broker(self, manager: JobManager, context: grpc.aio.ServicerContext) -> None:
+        if not manager.broker.available:
+            await abort(context, BrokerUnavailable(manager.broker.name, "not answering").status)
+
     async def _reject(self, context: grpc.aio.ServicerContext, status: JobStatus) -> None:
-        self._metrics.jobs.labels("rejected").inc()
+        self._metrics.jobs.labels("rejected", status.outcome_reason, "").inc()
         await abort(context, status)
 
     async def _accept(
         self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext, *, owned_by_call: bool
-    ) -> tuple[Job, int]:
+    ) -> tuple[str, int]:
         manager = await self._require_manager(context)
         # Before decoding: a full queue refuses a 60 MiB request as fast as a tiny one.
-        refusal = manager.admission()
+        refusal = manager.broker.admission()
         if refusal is not None:
             await self._reject(context, refusal)
         try:
@@ -112,92 +120,127 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
                 JobStatus(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"deadline too short: the job needs about {estimate:.1f} s, the call {remaining:.1f} s",
+                    reason="deadline_too_short",
                 ),
             )
         try:
-            return manager.submit(job_request, owned_by_call=owned_by_call)
+            return await manager.broker.submit(request, job_request, owned_by_call=owned_by_call)
         except Rejected as rejected:
             await self._reject(context, rejected.status)
+        except BrokerUnavailable as error:
+            await self._reject(context, error.status)
         raise AssertionError("unreachable: abort raises")
 
     async def _follow(
-        self, job: Job, context: grpc.aio.ServicerContext, *, owner: bool
+        self, job_id: str, context: grpc.aio.ServicerContext, *, owner: bool
     ) -> AsyncIterator[pb.JobEvent]:
         """The job's events from its current state; ends with the job's failure status, if any.
 
         `owner`: this is the Stylize call that owns the job; leaving early cancels it (see _caller_left).
-        The subscription is released here, before that check, whichever way the stream ends.
         """
-        subscription = job.subscribe()
+        broker = self._manager().broker
+        end: JobEnd | None = None
+        self._metrics.watchers.inc()
         try:
-            async for event in subscription.events():
-                if event.HasField("progress") and event.progress.HasField("preview"):
-                    self._metrics.previews_sent.inc()
-                yield event
+            async with contextlib.aclosing(broker.follow(job_id)) as events:
+                async for event in events:
+                    if isinstance(event, JobEnd):
+                        end = event
+                        break
+                    if event.HasField("progress") and event.progress.HasField("preview"):
+                        self._metrics.previews_sent.inc()
+                    yield event
+        except BrokerUnavailable as error:
+            await abort(context, error.status)
         finally:
-            job.unsubscribe(subscription)
-            if owner and not job.finished:
-                self._caller_left(job, context)
-        if job.status is not None:
-            await abort(context, job.status)
+            self._metrics.watchers.dec()
+            if owner and end is None:
+                self._caller_left(job_id, context)
+        if end is not None and end.status is not None:
+            await abort(context, end.status)
 
-    def _caller_left(self, job: Job, context: grpc.aio.ServicerContext) -> None:
-        """A Stylize caller went away before its job finished: cancel it unless others watch."""
-        manager = self._manager()
-        if manager is None or job.watchers > 0:
-            return
+    def _caller_left(self, job_id: str, context: grpc.aio.ServicerContext) -> None:
+        """A Stylize caller went away before its job finished: cancel it unless others watch. Runs as a
+        task of its own: the call's task is being cancelled."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= DEADLINE_SKEW_SECONDS:
-            status = JobStatus(grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed")
+            status = JobStatus(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed", reason="deadline"
+            )
         else:
             status = JobStatus(grpc.StatusCode.CANCELLED, "the caller cancelled")
-        log.info("job %s: %s; cancelling", job.id, status.message)
-        manager.cancel(job, status)
+        task = asyncio.ensure_future(self._cancel_unwatched(job_id, status))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _find(self, job_id: str, context: grpc.aio.ServicerContext) -> Job:
+    async def _cancel_unwatched(self, job_id: str, status: JobStatus) -> None:
+        broker = self._manager().broker
+        try:
+            if await broker.watchers(job_id) > 0:
+                return
+            log.info("job %s: %s; cancelling", job_id, status.message)
+            await self._cancel(job_id, status)
+        except BrokerUnavailable as error:
+            log.warning("job %s: could not cancel: %s", job_id, error)
+
+    async def _cancel(self, job_id: str, status: JobStatus) -> None:
+        if await self._manager().broker.cancel(job_id, status):
+            # Ended while still queued: no worker saw it, so the count is made here.
+            self._metrics.jobs.labels("cancelled", status.outcome_reason, "").inc()
+
+    async def _find(self, job_id: str, context: grpc.aio.ServicerContext) -> str:
         manager = self._manager()
         if not job_id:
             await abort(
                 context,
                 JobStatus.invalid(OptionsError([FieldViolation("job_id", "is required")])),
             )
-        job = manager.get(job_id) if manager else None
-        if job is None:
+        if manager is not None:
+            await self._require_broker(manager, context)
+        try:
+            found = manager is not None and await manager.broker.exists(job_id)
+        except BrokerUnavailable as error:
+            await abort(context, error.status)
+        if not found:
             await abort(
                 context,
                 JobStatus(
                     grpc.StatusCode.NOT_FOUND,
-                    f"no job {job_id!r} (unknown, or ended over {self._config.finished_job_ttl:.0f} s ago)",
+                    f"no job {job_id[:ECHO_CHARACTERS]!r} "
+                    f"(unknown, or ended over {self._config.finished_job_ttl:.0f} s ago)",
                 ),
             )
-        return job
+        return job_id
 
     # ------------------------------------------------------------ RPCs
 
     async def Stylize(self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext):
-        job, _ = await self._accept(request, context, owned_by_call=True)
+        job_id, _ = await self._accept(request, context, owned_by_call=True)
         # aclosing: the inner generator's clean-up must run now, also when the caller's cancellation
         # arrives while this generator is suspended at `yield`.
-        async with contextlib.aclosing(self._follow(job, context, owner=True)) as events:
+        async with contextlib.aclosing(self._follow(job_id, context, owner=True)) as events:
             async for event in events:
                 yield event
 
     async def SubmitJob(self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext):
-        job, position = await self._accept(request, context, owned_by_call=False)
-        return pb.SubmitJobResponse(job_id=job.id, queue_position=position)
+        job_id, position = await self._accept(request, context, owned_by_call=False)
+        return pb.SubmitJobResponse(job_id=job_id, queue_position=position)
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext):
-        job = await self._find(request.job_id, context)
-        async with contextlib.aclosing(self._follow(job, context, owner=False)) as events:
+        job_id = await self._find(request.job_id, context)
+        async with contextlib.aclosing(self._follow(job_id, context, owner=False)) as events:
             async for event in events:
                 yield event
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext):
-        job = await self._find(request.job_id, context)
-        self._manager().cancel(job, JobStatus(grpc.StatusCode.CANCELLED, "cancelled by CancelJob"))
-        # A running job stops within one iteration, or completes when it was already past its last
-        # iteration: answer what its watchers see, not what was asked.
-        return pb.CancelJobResponse(state=await job.wait_finished())
+        job_id = await self._find(request.job_id, context)
+        try:
+            await self._cancel(job_id, JobStatus(grpc.StatusCode.CANCELLED, "cancelled by CancelJob"))
+            # A running job stops within one iteration, or completes when it was already past its last
+            # iteration: answer what its watchers see, not what was asked.
+            return pb.CancelJobResponse(state=await self._manager().broker.wait_finished(job_id))
+        except BrokerUnavailable as error:
+            await abort(context, error.status)
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext):
         runtime, manager = self._runtime(), self._manager()

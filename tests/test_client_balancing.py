@@ -39,8 +39,8 @@ def succeeded_jobs(server: ServerProcess) -> float:
     """stylize_jobs_total{status="succeeded"} as that server's /metrics reports it."""
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
         text = response.read().decode()
-    match = re.search(r'^stylize_jobs_total\{status="succeeded"\} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    matches = re.findall(r'^stylize_jobs_total\{[^}]*status="succeeded"[^}]*\} (\S+)$', text, re.MULTILINE)
+    return sum(float(value) for value in matches)
 
 
 def jobs_since(servers: list[ServerProcess], before: list[float], expected: int) -> list[float]:

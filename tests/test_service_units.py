@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import grpc
 import pytest
+import redis
 import torch
 from prometheus_client import generate_latest
+from redisproc import RedisProcess
 from serverproc import png_bytes, stylize_request
 
 from stylize.api.options import DEFAULT_LIMITS, DEFAULTS, Optimizer, OptionsError, Pooling
 from stylize.server import convert, jobs
+from stylize.server.broker import Broker, JobEnd, Rejected
+from stylize.server.broker.memory import SUBSCRIBER_BACKLOG, Job, MemoryBroker
+from stylize.server.broker.redis import RedisBroker
 from stylize.server.codec import decode_image
 from stylize.server.config import ENV_PREFIX, build_parser, parse_config
 from stylize.server.engine.imageio import tensor_to_pil
 from stylize.server.engine.records import Cancelled, Losses, NonFiniteLoss, Progress, Result, Started
+from stylize.server.errors import JobStatus
 from stylize.server.metrics import ServiceMetrics, go_code_name, new_registry
 from stylize.v1 import stylize_pb2 as pb
 
@@ -62,25 +68,84 @@ class FakeEngine:
         self.released += 1
 
 
+def a_message() -> pb.StylizeRequest:
+    return stylize_request({"size": 64, "min_size": 64, "initial_iterations": 3})
+
+
 def a_request() -> convert.JobRequest:
-    return convert.request_from_proto(
-        stylize_request({"size": 64, "min_size": 64, "initial_iterations": 3}), DEFAULT_LIMITS
+    return convert.request_from_proto(a_message(), DEFAULT_LIMITS)
+
+
+def memory_broker(max_queue: int = 4, finished_job_ttl: float = 60.0) -> Broker:
+    return MemoryBroker(
+        max_queue=max_queue, finished_job_ttl=finished_job_ttl, loop=asyncio.get_running_loop()
     )
 
 
-async def run_jobs(
-    engine: FakeEngine, count: int, **manager_options
-) -> tuple[list[jobs.Job], ServiceMetrics]:
-    metrics = ServiceMetrics(new_registry())
-    options = {"workers": 1, "max_queue": 4, "finished_job_ttl": 60.0, **manager_options}
-    manager = jobs.JobManager(engine, metrics, loop=asyncio.get_running_loop(), **options)
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisProcess]:
+    with RedisProcess() as server:
+        yield server
+
+
+BrokerFactory = Callable[..., Broker]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_broker(request: pytest.FixtureRequest) -> BrokerFactory:
+    """Builds the broker under test on the running loop; the redis one on a real, emptied redis-server."""
+    if request.param == "memory":
+        return memory_broker
+    server = request.getfixturevalue("redis_server")
+    redis.Redis.from_url(server.url).flushall()
+    return lambda max_queue=4, finished_job_ttl=60.0: RedisBroker(
+        server.url,
+        loop=asyncio.get_running_loop(),
+        limits=DEFAULT_LIMITS,
+        max_queue=max_queue,
+        finished_job_ttl=finished_job_ttl,
+        lease_seconds=5.0,
+        max_attempts=2,
+    )
+
+
+async def start_manager(
+    engine: FakeEngine, make_broker: BrokerFactory, metrics: ServiceMetrics | None = None, **broker_options
+) -> jobs.JobManager:
+    broker = make_broker(**broker_options)
+    await broker.start()
+    manager = jobs.JobManager(engine, metrics or ServiceMetrics(new_registry()), broker, workers=1)
     manager.start()
-    submitted = [manager.submit(a_request(), owned_by_call=False)[0] for _ in range(count)]
-    for job in submitted:
-        async for _ in job.subscribe().events():
-            pass
+    return manager
+
+
+async def stop_manager(manager: jobs.JobManager) -> None:
     await manager.drain(1.0)
-    return submitted, metrics
+    await manager.broker.close()
+
+
+async def submit(manager: jobs.JobManager) -> tuple[str, int]:
+    return await manager.broker.submit(a_message(), a_request(), owned_by_call=False)
+
+
+async def follow(manager: jobs.JobManager, job_id: str) -> tuple[list[pb.JobEvent], JobEnd]:
+    events: list[pb.JobEvent] = []
+    async for item in manager.broker.follow(job_id):
+        if isinstance(item, JobEnd):
+            return events, item
+        events.append(item)
+    raise AssertionError("follow ended without a JobEnd")
+
+
+async def run_jobs(
+    engine: FakeEngine, make_broker: BrokerFactory, count: int
+) -> tuple[list[tuple[str, JobEnd]], ServiceMetrics]:
+    metrics = ServiceMetrics(new_registry())
+    manager = await start_manager(engine, make_broker, metrics)
+    submitted = [(await submit(manager))[0] for _ in range(count)]
+    ends = [(job_id, (await follow(manager, job_id))[1]) for job_id in submitted]
+    await stop_manager(manager)
+    return ends, metrics
 
 
 @pytest.mark.parametrize(
@@ -95,10 +160,10 @@ def test_out_of_memory_fails_that_job_with_resource_exhausted_and_the_next_job_r
     engine = FakeEngine(fail_at=2, error=error)
 
     async def scenario():
-        first, _ = await run_jobs(engine, 1)
+        first, _ = await run_jobs(engine, memory_broker, 1)
         engine.fail_at = None
-        second, metrics = await run_jobs(engine, 1)
-        return first[0], second[0], metrics
+        second, metrics = await run_jobs(engine, memory_broker, 1)
+        return first[0][1], second[0][1], metrics
 
     failed, succeeded, _ = asyncio.run(scenario())
     assert failed.state == pb.JOB_STATE_FAILED
@@ -109,40 +174,54 @@ def test_out_of_memory_fails_that_job_with_resource_exhausted_and_the_next_job_r
     assert succeeded.state == pb.JOB_STATE_SUCCEEDED and succeeded.status is None
 
 
-def test_an_unexpected_engine_error_fails_the_job_with_internal() -> None:
-    [job], metrics = asyncio.run(run_jobs(FakeEngine(fail_at=1, error=ValueError("boom")), 1))
-    assert job.state == pb.JOB_STATE_FAILED and job.status.code == grpc.StatusCode.INTERNAL
+def test_an_unexpected_engine_error_fails_the_job_with_internal(make_broker) -> None:
+    [(job_id, end)], metrics = asyncio.run(
+        run_jobs(FakeEngine(fail_at=1, error=ValueError("boom")), make_broker, 1)
+    )
+    assert end.state == pb.JOB_STATE_FAILED and end.status.code == grpc.StatusCode.INTERNAL
     # The exception's text goes to the log only; the caller gets the job id to quote.
-    assert "boom" not in job.status.message and job.id in job.status.message
-    assert b'stylize_jobs_total{status="failed"} 1.0' in generate_latest(metrics.registry)
+    assert "boom" not in end.status.message and job_id in end.status.message
+    text = generate_latest(metrics.registry).decode()
+    assert 'stylize_jobs_total{arch="vgg19",reason="internal",status="failed"} 1.0' in text
 
 
-def test_a_non_finite_loss_fails_the_job_with_failed_precondition_naming_the_options() -> None:
-    [job], metrics = asyncio.run(run_jobs(FakeEngine(fail_at=2, error=NonFiniteLoss("style", 2)), 1))
-    assert job.state == pb.JOB_STATE_FAILED and job.status.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert "style loss is not finite at iteration 2" in job.status.message
-    assert "style_weight" in job.status.message
-    assert b'stylize_jobs_total{status="failed"} 1.0' in generate_latest(metrics.registry)
+def test_a_non_finite_loss_fails_the_job_with_failed_precondition_naming_the_options(make_broker) -> None:
+    [(_, end)], metrics = asyncio.run(
+        run_jobs(FakeEngine(fail_at=2, error=NonFiniteLoss("style", 2)), make_broker, 1)
+    )
+    assert end.state == pb.JOB_STATE_FAILED and end.status.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "style loss is not finite at iteration 2" in end.status.message
+    assert "style_weight" in end.status.message
+    text = generate_latest(metrics.registry).decode()
+    assert 'stylize_jobs_total{arch="vgg19",reason="non_finite",status="failed"} 1.0' in text
 
 
-def test_events_reach_every_subscriber_in_order_and_a_late_one_gets_a_replay() -> None:
+def test_a_succeeded_job_is_timed_by_phase_size_class_and_first_progress() -> None:
+    _, metrics = asyncio.run(run_jobs(FakeEngine(iterations=3), memory_broker, 1))
+    text = generate_latest(metrics.registry).decode()
+    assert 'stylize_jobs_total{arch="vgg19",reason="ok",status="succeeded"} 1.0' in text
+    for phase in ("targets", "optimize", "encode"):
+        assert f'stylize_job_phase_seconds_count{{phase="{phase}"}} 1.0' in text
+    assert 'stylize_iteration_seconds_count{size_class="small"} 3.0' in text
+    assert 'stylize_job_duration_seconds_count{size_class="small"} 1.0' in text
+    assert "stylize_time_to_first_progress_seconds_count 1.0" in text
+    assert 'stylize_queue_wait_seconds_bucket{le="0.005"}' in text
+
+
+def test_events_reach_every_subscriber_in_order_and_a_late_one_gets_a_replay(make_broker) -> None:
     async def scenario():
-        metrics = ServiceMetrics(new_registry())
-        engine = FakeEngine(iterations=4)
-        manager = jobs.JobManager(
-            engine, metrics, workers=1, max_queue=2, finished_job_ttl=60, loop=asyncio.get_running_loop()
-        )
-        manager.start()
-        job, position = manager.submit(a_request(), owned_by_call=False)
-        early = [event async for event in job.subscribe().events()]
-        late = [event async for event in job.subscribe().events()]
-        await manager.drain(1.0)
-        return position, early, late
+        manager = await start_manager(FakeEngine(iterations=4), make_broker, max_queue=2)
+        job_id, position = await submit(manager)
+        early, _ = await follow(manager, job_id)
+        late, end = await follow(manager, job_id)
+        await stop_manager(manager)
+        return position, early, late, end
 
-    position, early, late = asyncio.run(scenario())
-    assert position == 0
+    position, early, late, end = asyncio.run(scenario())
+    assert position == 0 and end.state == pb.JOB_STATE_SUCCEEDED and end.status is None
     assert [e.WhichOneof("event") for e in early] == ["queued", "started", *["progress"] * 4, "completed"]
     assert [e.sequence for e in early] == list(range(1, 8))
+    assert early[0].queued.position == 0 and early[1].started.attempt == 1
     assert [e.SerializeToString() for e in late] == [
         e.SerializeToString() for e in (early[0], early[1], early[-2], early[-1])
     ]  # queued, started, the latest progress (it carries the latest preview), completed
@@ -150,19 +229,19 @@ def test_events_reach_every_subscriber_in_order_and_a_late_one_gets_a_replay() -
 
 def test_a_slow_watcher_loses_old_progress_events_but_never_the_end() -> None:
     async def scenario():
-        job = jobs.Job(a_request(), owned_by_call=False)
+        job = Job(a_request(), owned_by_call=False)
         subscription = job.subscribe()
         job.publish(convert.queued_event(0))
-        for iteration in range(1, jobs.SUBSCRIBER_BACKLOG + 20):
+        for iteration in range(1, SUBSCRIBER_BACKLOG + 20):
             progress = Progress(iteration, 999, 0, 1, 8, 8, LOSSES, 0.0, 0.0)
             job.publish(convert.progress_event(progress, None))
         job.finish(pb.JOB_STATE_CANCELLED, None)
         return [event async for event in subscription.events()], subscription.dropped
 
     events, dropped = asyncio.run(scenario())
-    assert len(events) == jobs.SUBSCRIBER_BACKLOG and dropped == 20
+    assert len(events) == SUBSCRIBER_BACKLOG and dropped == 20
     assert events[0].HasField("queued")
-    assert events[-1].progress.iteration == jobs.SUBSCRIBER_BACKLOG + 19
+    assert events[-1].progress.iteration == SUBSCRIBER_BACKLOG + 19
 
 
 class EncodeGate(FakeEngine):
@@ -183,25 +262,21 @@ class EncodeGate(FakeEngine):
         return super().to_image(tensor)
 
 
-def test_a_cancel_past_the_last_iteration_reports_the_completion_the_watchers_see() -> None:
+def test_a_cancel_past_the_last_iteration_reports_the_completion_the_watchers_see(make_broker) -> None:
     async def scenario():
         engine = EncodeGate()
-        manager = jobs.JobManager(
-            engine, ServiceMetrics(new_registry()), workers=1, max_queue=1, finished_job_ttl=60,
-            loop=asyncio.get_running_loop(),
-        )  # fmt: skip
-        manager.start()
-        job, _ = manager.submit(a_request(), owned_by_call=False)
-        watcher = job.subscribe()
+        manager = await start_manager(engine, make_broker, max_queue=1)
+        job_id, _ = await submit(manager)
+        watcher = asyncio.ensure_future(follow(manager, job_id))
         await asyncio.to_thread(engine.encoding.wait, 10)
-        manager.cancel(job, jobs.JobStatus(grpc.StatusCode.CANCELLED, "test"))
-        answer = asyncio.ensure_future(job.wait_finished())
+        await manager.broker.cancel(job_id, JobStatus(grpc.StatusCode.CANCELLED, "test"))
+        answer = asyncio.ensure_future(manager.broker.wait_finished(job_id))
         await asyncio.sleep(0.05)
         answered_early = answer.done()
         engine.release.set()
         state = await answer
-        events = [event async for event in watcher.events()]
-        await manager.drain(1.0)
+        events, _ = await watcher
+        await stop_manager(manager)
         return answered_early, state, events
 
     answered_early, state, events = asyncio.run(scenario())
@@ -209,66 +284,65 @@ def test_a_cancel_past_the_last_iteration_reports_the_completion_the_watchers_se
     assert state == pb.JOB_STATE_SUCCEEDED and events[-1].HasField("completed")
 
 
-def test_cancelling_a_queued_job_frees_its_place_at_once() -> None:
+def test_a_running_job_is_cancelled_within_an_iteration(make_broker) -> None:
     async def scenario():
-        metrics = ServiceMetrics(new_registry())
+        engine = FakeEngine(iterations=1000)
+        manager = await start_manager(engine, make_broker)
+        job_id, _ = await submit(manager)
+        async for item in manager.broker.follow(job_id):
+            if isinstance(item, pb.JobEvent) and item.HasField("progress"):
+                break
+        ended_here = await manager.broker.cancel(job_id, JobStatus(grpc.StatusCode.CANCELLED, "test"))
+        state = await asyncio.wait_for(manager.broker.wait_finished(job_id), 10)
+        _, end = await follow(manager, job_id)
+        await stop_manager(manager)
+        return ended_here, state, end
+
+    ended_here, state, end = asyncio.run(scenario())
+    assert not ended_here and state == pb.JOB_STATE_CANCELLED
+    assert end.status.code == grpc.StatusCode.CANCELLED and end.status.message == "test"
+
+
+def test_cancelling_a_queued_job_frees_its_place_at_once(make_broker) -> None:
+    async def scenario():
         engine = FakeEngine(iterations=2)
         engine.step.clear()  # the worker blocks inside the first job
-        manager = jobs.JobManager(
-            engine, metrics, workers=1, max_queue=1, finished_job_ttl=60, loop=asyncio.get_running_loop()
-        )
-        manager.start()
-        running, _ = manager.submit(a_request(), owned_by_call=False)
+        manager = await start_manager(engine, make_broker, max_queue=1)
+        running, _ = await submit(manager)
         while manager.snapshot().running == 0:
             await asyncio.sleep(0.01)
-        queued, _ = manager.submit(a_request(), owned_by_call=False)
-        with pytest.raises(jobs.Rejected) as caught:
-            manager.submit(a_request(), owned_by_call=False)
+        queued, _ = await submit(manager)
+        with pytest.raises(Rejected) as caught:
+            await submit(manager)
         assert caught.value.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        manager.cancel(queued, jobs.JobStatus(grpc.StatusCode.CANCELLED, "test"))
-        depth_after_cancel = manager.snapshot().depth
-        replacement, _ = manager.submit(a_request(), owned_by_call=False)
+        ended_here = await manager.broker.cancel(queued, JobStatus(grpc.StatusCode.CANCELLED, "test"))
+        replacement, _ = await submit(manager)
         engine.step.set()
-        for job in (running, replacement):
-            async for _ in job.subscribe().events():
-                pass
-        manager.draining = True
-        with pytest.raises(jobs.Rejected) as draining:
-            manager.submit(a_request(), owned_by_call=False)
-        await manager.drain(1.0)
-        return queued, depth_after_cancel, running, replacement, draining.value.status
+        ends = [(await follow(manager, job_id))[1] for job_id in (queued, running, replacement)]
+        manager.broker.start_draining()
+        with pytest.raises(Rejected) as draining:
+            await submit(manager)
+        await stop_manager(manager)
+        return ended_here, ends, draining.value.status
 
-    queued, depth, running, replacement, draining = asyncio.run(scenario())
-    assert queued.state == pb.JOB_STATE_CANCELLED and depth == 0
+    ended_here, (queued, running, replacement), draining = asyncio.run(scenario())
+    assert ended_here and queued.state == pb.JOB_STATE_CANCELLED
     assert running.state == replacement.state == pb.JOB_STATE_SUCCEEDED
     assert draining.code == grpc.StatusCode.UNAVAILABLE and draining.message == "server shutting down"
 
 
-def test_a_finished_job_is_forgotten_after_its_ttl() -> None:
+def test_a_finished_job_is_forgotten_after_its_ttl(make_broker) -> None:
     async def scenario():
-        metrics = ServiceMetrics(new_registry())
-        manager = jobs.JobManager(
-            FakeEngine(iterations=1),
-            metrics,
-            workers=1,
-            max_queue=1,
-            finished_job_ttl=0.2,
-            loop=asyncio.get_running_loop(),
-        )
-        manager.start()
-        job, _ = manager.submit(a_request(), owned_by_call=False)
-        async for _ in job.subscribe().events():
-            pass
-        kept = manager.get(job.id) is job
-        await asyncio.sleep(0.5)
-        forgotten = manager.get(job.id) is None
-        await manager.drain(1.0)
+        manager = await start_manager(FakeEngine(iterations=1), make_broker, max_queue=1, finished_job_ttl=1)
+        job_id, _ = await submit(manager)
+        await follow(manager, job_id)
+        kept = await manager.broker.exists(job_id)
+        await asyncio.sleep(1.6)
+        forgotten = not await manager.broker.exists(job_id)
+        await stop_manager(manager)
         return kept, forgotten
 
     assert asyncio.run(scenario()) == (True, True)
-
-
-# ---------------------------------------------------------------- configuration
 
 
 def test_flags_beat_environment_variables_which_beat_defaults() -> None:
@@ -358,10 +432,10 @@ def test_grpc_codes_are_named_as_go_grpc_prometheus_names_them() -> None:
     assert go_code_name(grpc.StatusCode.DEADLINE_EXCEEDED) == "DeadlineExceeded"
 
 
-def test_every_job_status_is_exported_from_zero() -> None:
+def test_every_rejection_reason_is_exported_from_zero() -> None:
     text = generate_latest(ServiceMetrics(new_registry()).registry).decode()
-    for status in ("succeeded", "failed", "cancelled", "rejected"):
-        assert f'stylize_jobs_total{{status="{status}"}} 0.0' in text
+    for reason in ("invalid_argument", "queue_full", "deadline_too_short", "shutdown", "unavailable"):
+        assert f'stylize_jobs_total{{arch="",reason="{reason}",status="rejected"}} 0.0' in text
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,8 @@ class Result:
     losses: Losses
     iterations: int
     elapsed_seconds: float
+    # The part of elapsed_seconds spent computing content and style targets (all scales).
+    target_seconds: float = 0.0
 
 
 class Cancelled(Exception):

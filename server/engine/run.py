@@ -303,10 +303,13 @@ class _Job:
         iteration = 0
         stepper: Stepper | None = None
         objective: Objective | None = None
+        target_seconds = 0.0
         for index, scale in enumerate(plan):
             self._check_cancel()
             content = _resize(self.work_content, scale.height, scale.width)
+            targets_began = time.perf_counter()
             objective = self._objective(content)
+            target_seconds += time.perf_counter() - targets_began
             if stepper is None:
                 image = initial_image(
                     o.init, content[0], [(s[0], w) for s, w in self.work_styles], seed=o.seed
@@ -352,4 +355,5 @@ class _Job:
             losses=finite_losses(final.tolist(), iteration),
             iterations=iteration,
             elapsed_seconds=time.perf_counter() - start,
+            target_seconds=target_seconds,
         )

@@ -264,7 +264,7 @@ class CancelJobResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "sequence", "elapsed_seconds", "client_tag", "queued", "started", "progress", "completed")
+    __slots__ = ("job_id", "sequence", "elapsed_seconds", "client_tag", "queued", "started", "progress", "completed", "retrying")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +273,7 @@ class JobEvent(_message.Message):
     STARTED_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    RETRYING_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     sequence: int
     elapsed_seconds: float
@@ -281,7 +282,18 @@ class JobEvent(_message.Message):
     started: Started
     progress: Progress
     completed: Completed
-    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., client_tag: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ...) -> None: ...
+    retrying: Retrying
+    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., client_tag: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ..., retrying: _Optional[_Union[Retrying, _Mapping]] = ...) -> None: ...
+
+class Retrying(_message.Message):
+    __slots__ = ("attempt", "max_attempts", "reason")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    max_attempts: int
+    reason: str
+    def __init__(self, attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
@@ -290,7 +302,7 @@ class Queued(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("device", "scales", "iterations_total", "targets_backend", "precision", "precision_reason", "warnings")
+    __slots__ = ("device", "scales", "iterations_total", "targets_backend", "precision", "precision_reason", "warnings", "attempt")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +310,7 @@ class Started(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     device: str
     scales: _containers.RepeatedCompositeFieldContainer[Size]
     iterations_total: int
@@ -305,7 +318,8 @@ class Started(_message.Message):
     precision: str
     precision_reason: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, device: _Optional[str] = ..., scales: _Optional[_Iterable[_Union[Size, _Mapping]]] = ..., iterations_total: _Optional[int] = ..., targets_backend: _Optional[str] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, device: _Optional[str] = ..., scales: _Optional[_Iterable[_Union[Size, _Mapping]]] = ..., iterations_total: _Optional[int] = ..., targets_backend: _Optional[str] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Size(_message.Message):
     __slots__ = ("width", "height")
