@@ -1,9 +1,10 @@
 """The Kubernetes manifests: rendered by real kustomize, validated offline and strictly against the schemas.
 
 Built-in kinds are checked by kubernetes-validate (the Kubernetes OpenAPI schemas, strict: unknown fields
-fail). The ServiceMonitor is a prometheus-operator CRD that kubernetes-validate has no schema for; it is
-checked against the pydantic models generated from the operator's CRDs (cloudcoil-models-prometheus-operator),
-with unknown fields rejected by comparing the validated model's dump with the input.
+fail). The ServiceMonitor and the PrometheusRule are prometheus-operator CRDs that kubernetes-validate has no
+schema for; they are checked against the pydantic models generated from the operator's CRDs
+(cloudcoil-models-prometheus-operator), with unknown fields rejected by comparing the validated model's dump
+with the input.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
 
 from stylize.server.config import build_parser
 from stylize.server.jobs import CANCEL_WAIT_SECONDS
@@ -24,7 +25,25 @@ from stylize.server.main import STOP_GRACE_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-OVERLAYS = {"base": DEPLOY / "k8s" / "base", "gpu": DEPLOY / "k8s" / "overlays" / "gpu"}
+OVERLAYS = {
+    "base": DEPLOY / "k8s" / "base",
+    "gpu": DEPLOY / "k8s" / "overlays" / "gpu",
+}
+BASE_KINDS = [
+    "ConfigMap",
+    "Deployment",
+    "HorizontalPodAutoscaler",
+    "Namespace",
+    "PodDisruptionBudget",
+    "PrometheusRule",
+    "Service",
+    "Service",
+    "ServiceMonitor",
+]
+# What each overlay renders.
+KINDS = {"base": BASE_KINDS, "gpu": BASE_KINDS}
+RULES = DEPLOY / "prometheus" / "rules.yml"
+ADAPTER_VALUES = DEPLOY / "prometheus" / "adapter-values.yaml"
 ENSURE_TOOLS = DEPLOY / "tools" / "ensure-tools.sh"
 # The oldest Kubernetes these manifests support: native gRPC probes are GA since 1.27, the preStop `sleep`
 # action is on by default since 1.30.
@@ -92,31 +111,26 @@ def unknown_fields(given: Any, accepted: Any, path: str = "") -> list[str]:
     return []
 
 
-def validate_service_monitor(document: dict[str, Any]) -> None:
-    model = ServiceMonitor.model_validate(document)  # types, required fields, enums: raises on violation
+OPERATOR_MODELS = {"ServiceMonitor": ServiceMonitor, "PrometheusRule": PrometheusRule}
+
+
+def validate_operator_object(document: dict[str, Any]) -> None:
+    """A prometheus-operator object against the model generated from its CRD."""
+    model_class = OPERATOR_MODELS[document["kind"]]
+    model = model_class.model_validate(document)  # types, required fields, enums: raises on violation
     dumped = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
-    assert unknown_fields(document, dumped) == [], "fields the ServiceMonitor CRD does not define"
+    assert unknown_fields(document, dumped) == [], f"fields the {document['kind']} CRD does not define"
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_every_rendered_object_validates_strictly(overlay: str) -> None:
     objects = render(overlay)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == sorted(
-        [
-            "ConfigMap",
-            "Deployment",
-            "HorizontalPodAutoscaler",
-            "Namespace",
-            "PodDisruptionBudget",
-            "Service",
-            "Service",
-            "ServiceMonitor",
-        ]
-    )
+    assert kinds == sorted(KINDS[overlay])
     for document in objects:
-        if document["kind"] == "ServiceMonitor":
-            validate_service_monitor(document)
+        assert document["metadata"].get("namespace", "stylize") == "stylize", document["metadata"]
+        if document["kind"] in OPERATOR_MODELS:
+            validate_operator_object(document)
         else:
             kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
 
@@ -130,7 +144,12 @@ def test_strict_validation_rejects_an_unknown_field() -> None:
     monitor = one(render("base"), "ServiceMonitor")
     endpoint = {**monitor["spec"]["endpoints"][0], "intervall": "15s"}
     with pytest.raises(AssertionError, match="does not define"):
-        validate_service_monitor({**monitor, "spec": {**monitor["spec"], "endpoints": [endpoint]}})
+        validate_operator_object({**monitor, "spec": {**monitor["spec"], "endpoints": [endpoint]}})
+    rule = one(render("base"), "PrometheusRule")
+    (group, *_) = rule["spec"]["groups"]
+    misspelt = {**group, "rules": [{**group["rules"][0], "fro": "15m"}]}
+    with pytest.raises(AssertionError, match="does not define"):
+        validate_operator_object({**rule, "spec": {"groups": [misspelt]}})
 
 
 def test_gpu_overlay_asks_for_one_gpu_per_replica() -> None:
@@ -224,9 +243,7 @@ def test_pdb_and_hpa_target_the_deployment() -> None:
     assert "replicas" not in deployment["spec"], "kubectl apply would reset the autoscaler's replica count"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "stylize"}
     (metric,) = hpa["spec"]["metrics"]
-    adapter = yaml.safe_load((DEPLOY / "prometheus" / "adapter-values.yaml").read_text())
-    served = [rule["name"]["as"] for rule in adapter["rules"]["custom"]]
-    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in served
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in adapter_served("custom")
 
 
 def test_dashboard_configmap_is_generated_from_the_dashboard_file() -> None:
@@ -234,3 +251,17 @@ def test_dashboard_configmap_is_generated_from_the_dashboard_file() -> None:
         configmap = one(render(overlay), "ConfigMap", "stylize-grafana-dashboard")
         assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert configmap["data"] == {"stylize.json": (DEPLOY / "grafana" / "stylize.json").read_text()}
+
+
+def adapter_served(kind: str) -> list[str]:
+    """The names prometheus-adapter serves from rules.custom or rules.external of adapter-values.yaml."""
+    adapter = yaml.safe_load(ADAPTER_VALUES.read_text())
+    return [rule["name"]["as"] for rule in adapter["rules"].get(kind) or []]
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_prometheus_rule_carries_exactly_the_groups_of_rules_yml(overlay: str) -> None:
+    """deploy/k8s/base/prometheusrule.yaml repeats deploy/prometheus/rules.yml for the Prometheus Operator:
+    the two must not drift (edit rules.yml, then copy its groups under the PrometheusRule's spec)."""
+    rule = one(render(overlay), "PrometheusRule", "stylize")
+    assert rule["spec"] == {"groups": yaml.safe_load(RULES.read_text())["groups"]}
