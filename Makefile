@@ -33,9 +33,10 @@ demo: venv weights
 # The engine and precision tests run twice: once on this CPU, once on an imitated AVX2-only CPU without
 # bf16 (oneDNN's and ATen's documented switches), so a machine with bf16 hardware also runs that path.
 AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
-# The deploy tests' tools (Debian's prometheus, a kubectl with kustomize v5), installed before pytest runs.
+# The tools the tests need (Debian's prometheus and redis-server, a kubectl with kustomize v5), installed
+# before pytest runs.
 tools:
-	bash deploy/tools/ensure-tools.sh kubectl prometheus promtool > /dev/null
+	bash deploy/tools/ensure-tools.sh kubectl prometheus promtool redis-server > /dev/null
 
 test: venv weights tools
 	$(VENV)/bin/ruff check .

