@@ -6,6 +6,7 @@ Its PromQL is checked against a real Prometheus in tests/test_deploy_prometheus.
 from __future__ import annotations
 
 import json
+import re
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,62 @@ def test_every_query_panel_uses_the_datasource_variable_and_the_pod_filter(dashb
         ("GPU memory per pod", "max by (pod, gpu) (stylize_gpu_memory_used_bytes"),
         ("parity error", "stylize_parity_relative_error"),
         ("gRPC error rate by code", "sum by (grpc_code) (rate(grpc_server_handled_total"),
+        ("fleet queue depth, once", "max(stylize_fleet_queue_depth{"),
+        (
+            "workers busy",
+            'sum(stylize_jobs_in_progress{pod=~"$pod"}) / sum(stylize_workers{pod=~"$pod"})',
+        ),
+        ("queue fill", 'stylize_queue_depth{pod=~"$pod"} / stylize_queue_capacity{pod=~"$pod"}'),
+        ("watchers", "stylize_watchers{"),
+        ("job time by phase, p95", "sum by (le, phase) (rate(stylize_job_phase_seconds_bucket"),
+        ("job time by phase, mean", "sum by (phase) (rate(stylize_job_phase_seconds_sum"),
+        (
+            "time to first progress p50",
+            "histogram_quantile(0.5, sum by (le) (rate(stylize_time_to_first_progress_seconds_bucket",
+        ),
+        (
+            "time to first progress p95",
+            "histogram_quantile(0.95, sum by (le) (rate(stylize_time_to_first_progress_seconds_bucket",
+        ),
+        ("job outcomes", "sum by (status, reason) (rate(stylize_jobs_total{"),
     ],
 )
 def test_shows(dashboard: dict[str, Any], what: str, fragment: str) -> None:
     assert any(fragment in expr for expr in queries(dashboard)), what
+
+
+HEALTH_EXCLUDED = 'grpc_service!="grpc.health.v1.Health"'
+
+
+def selectors(expr: str, prefix: str) -> list[tuple[str, str]]:
+    """(metric, label matchers) of every selector of a metric whose name starts with `prefix`."""
+    return re.findall(rf"\b({prefix}\w*)(?:\{{([^}}]*)\}})?", expr)
+
+
+def test_request_error_and_latency_panels_leave_out_health_checks(dashboard: dict[str, Any]) -> None:
+    """Kubernetes probes call grpc.health.v1.Health every few seconds: counted, they would swamp the
+    request rate and the handling time, so every gRPC query excludes them."""
+    grpc_selectors = [s for expr in queries(dashboard) for s in selectors(expr, "grpc_server_")]
+    assert len(grpc_selectors) >= 3
+    for metric, matchers in grpc_selectors:
+        assert HEALTH_EXCLUDED in matchers, f"{metric}{{{matchers}}}"
+    assert selectors('rate(grpc_server_started_total{pod=~"$pod"}[1m])', "grpc_server_") == [
+        ("grpc_server_started_total", 'pod=~"$pod"')
+    ]
+
+
+def test_rates_are_taken_of_counters_by_their_exposed_names(dashboard: dict[str, Any]) -> None:
+    """prometheus_client exposes a counter `stylize_jobs` as stylize_jobs_total, and histograms as _bucket,
+    _sum and _count: rate() of any other name is of a gauge or of a series that does not exist."""
+    rated = [name for expr in queries(dashboard) for name in re.findall(r"\brate\((\w+)", expr)]
+    assert "stylize_jobs_total" in rated
+    for name in rated:
+        assert name.endswith(("_total", "_bucket", "_sum", "_count")), name
+
+
+def test_the_fleet_queue_is_never_summed_over_replicas(dashboard: dict[str, Any]) -> None:
+    """Every replica reports the same fleet-wide figure: a sum would count it once per replica."""
+    uses = [expr for expr in queries(dashboard) if "stylize_fleet_queue_depth" in expr]
+    assert uses
+    for expr in uses:
+        assert re.fullmatch(r'max\(stylize_fleet_queue_depth\{pod=~"\$pod"\}\)', expr), expr
