@@ -51,9 +51,6 @@ KINDS = {
 }
 RULES = DEPLOY / "prometheus" / "rules.yml"
 ADAPTER_VALUES = DEPLOY / "prometheus" / "adapter-values.yaml"
-# The server flag the fleet overlay sets (issue #14). Until stylize-server has it, the environment check of
-# that one variable is an expected failure; once it has it, its value must parse.
-SERVER_HAS_BROKER = any("--broker" in action.option_strings for action in build_parser()._actions)
 ENSURE_TOOLS = DEPLOY / "tools" / "ensure-tools.sh"
 # The oldest Kubernetes these manifests support: native gRPC probes are GA since 1.27, the preStop `sleep`
 # action is on by default since 1.30.
@@ -208,8 +205,6 @@ def test_env_names_and_values_are_accepted_by_the_server(overlay: str) -> None:
     }
     for name, value in environ.items():
         assert name.startswith("STYLIZE_"), name
-        if name == "STYLIZE_BROKER" and not SERVER_HAS_BROKER:
-            pytest.xfail("stylize-server has no --broker yet (issue #14)")
         assert name in flags, f"{name} is not a stylize-server flag"
         action = flags[name]
         parsed = action.type(value) if action.type else value

@@ -32,7 +32,6 @@ import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from stylize.server.config import build_parser
 from stylize.v1 import stylize_pb2, stylize_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,22 +45,6 @@ ENSURE_TOOLS = ROOT / "deploy" / "tools" / "ensure-tools.sh"
 GPU_ONLY_METRICS = frozenset(
     {"stylize_gpu_memory_used_bytes", "stylize_gpu_memory_total_bytes", "stylize_gpu_utilization_ratio"}
 )
-# The fleet metrics of issue #14, which only a stylize-server with a job broker (--broker) exports. Until
-# the server has that flag their data tests are expected failures; once it has it, they must have data.
-FLEET_METRICS = frozenset(
-    {
-        "stylize_fleet_queue_depth",
-        "stylize_queue_capacity",
-        "stylize_workers",
-        "stylize_watchers",
-        "stylize_broker_up",
-        "stylize_job_phase_seconds_bucket",
-        "stylize_job_phase_seconds_sum",
-        "stylize_job_phase_seconds_count",
-        "stylize_time_to_first_progress_seconds_bucket",
-    }
-)
-SERVER_HAS_BROKER = any("--broker" in action.option_strings for action in build_parser()._actions)
 # The labels Kubernetes' scrape (ServiceMonitor) gives every series; the test's scrape sets them statically.
 POD = "stylize-test-0"
 NAMESPACE = "stylize"
@@ -388,18 +371,11 @@ def scraped(prometheus: Prometheus, server) -> Prometheus:
     return prometheus
 
 
-def xfail_before_the_fleet_server(names: set[str]) -> None:
-    if names & FLEET_METRICS and not SERVER_HAS_BROKER:
-        pytest.xfail(f"{sorted(names & FLEET_METRICS)}: stylize-server has no --broker yet (issue #14)")
-
-
 @pytest.mark.parametrize("name", USED_METRICS)
 def test_metric_used_by_dashboard_or_alerts_has_data(scraped: Prometheus, name: str) -> None:
     series = scraped.query(f'{{__name__="{name}", pod="{POD}"}}')
     if name in GPU_ONLY_METRICS and not series:
         pytest.skip(f"{name}: stylize-server exports GPU gauges only where NVML sees a GPU; none here")
-    if not series:
-        xfail_before_the_fleet_server({name})
     assert series, f"{name}: no data in Prometheus"
 
 
@@ -408,8 +384,6 @@ def test_dashboard_query_parses_and_returns_data(scraped: Prometheus, expr: str)
     result = scraped.query(grafana_to_promql(expr))  # a parse error fails inside query()
     if metric_names(expr) <= GPU_ONLY_METRICS and not result:
         pytest.skip("GPU panel: stylize-server exports GPU gauges only where NVML sees a GPU; none here")
-    if not result:
-        xfail_before_the_fleet_server(metric_names(expr))
     assert result, f"no data: {grafana_to_promql(expr)}"
     values = [float(sample["value"][1]) for sample in result]
     assert not all(math.isnan(value) for value in values), f"only NaN: {grafana_to_promql(expr)}"
@@ -519,8 +493,6 @@ def test_adapter_external_rule_yields_one_fleet_figure(scraped: Prometheus) -> N
     """The external rule behind the fleet overlay's HPA, against the real server's series."""
     rule = adapter_rule("external", "stylize_fleet_queue_depth")
     series = scraped.query(rule["seriesQuery"])
-    if not series:
-        xfail_before_the_fleet_server({"stylize_fleet_queue_depth"})
     assert series and {s["metric"]["pod"] for s in series} == {POD}
     name = series[0]["metric"]["__name__"]
     (result,) = scraped.query(adapter_query(rule, name, f'namespace="{NAMESPACE}"', ""))
