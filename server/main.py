@@ -151,8 +151,15 @@ async def serve(config: ServerConfig) -> int:
     started = _Started()
     health_servicer = health.aio.HealthServicer()
     # The metrics interceptor is outermost, so it also counts requests refused as malformed.
+    grpc_metrics = GrpcMetricsInterceptor(registry)
+    grpc_metrics.initialize(
+        (
+            stylize_pb2.DESCRIPTOR.services_by_name["StyleTransfer"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+        )
+    )
     server = grpc.aio.server(
-        interceptors=[GrpcMetricsInterceptor(registry), MalformedRequestInterceptor()],
+        interceptors=[grpc_metrics, MalformedRequestInterceptor()],
         options=server_options(config),
     )
     stylize_pb2_grpc.add_StyleTransferServicer_to_server(

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -354,6 +355,21 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, registry: CollectorRegistry):
         self._metrics = GrpcMetrics(registry)
+
+    def initialize(self, services: Iterable[ServiceDescriptor]) -> None:
+        """Create every method's series at zero, every code included (go-grpc-prometheus's
+        InitializeMetrics), so rates and ratios exist before the first call."""
+        for service in services:
+            for method in service.methods:
+                if method.client_streaming:
+                    continue
+                kind = "server_stream" if method.server_streaming else "unary"
+                labels = (kind, service.full_name, method.name)
+                for counter in (self._metrics.started, self._metrics.received, self._metrics.sent):
+                    counter.labels(*labels)
+                self._metrics.handling.labels(*labels)
+                for code in grpc.StatusCode:
+                    self._metrics.handled.labels(*labels, go_code_name(code))
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)

@@ -26,7 +26,7 @@ from stylize.server.config import ENV_PREFIX, build_parser, parse_config
 from stylize.server.engine.imageio import tensor_to_pil
 from stylize.server.engine.records import Cancelled, Losses, NonFiniteLoss, Progress, Result, Started
 from stylize.server.errors import JobStatus
-from stylize.server.metrics import ServiceMetrics, go_code_name, new_registry
+from stylize.server.metrics import GrpcMetricsInterceptor, ServiceMetrics, go_code_name, new_registry
 from stylize.v1 import stylize_pb2 as pb
 
 LOSSES = Losses(total=3.0, content=1.0, style=1.0, total_variation=1.0)
@@ -366,6 +366,10 @@ def test_flags_beat_environment_variables_which_beat_defaults() -> None:
         ({f"{ENV_PREFIX}ON_PARITY_FAILURE": "ignore"}, ["--model-dir", "m"], "choose from fail, torch"),
         ({}, [], "--model-dir"),
         ({}, ["--model-dir", "m", "--providers", "gpu"], "--providers"),
+        ({}, ["--model-dir", "m", "--broker", "redis://localhost/0"], "redis://HOST:PORT/DB"),
+        ({f"{ENV_PREFIX}BROKER": "rediss://h:1/0"}, ["--model-dir", "m"], "STYLIZE_BROKER='rediss://h:1/0'"),
+        ({}, ["--model-dir", "m", "--broker", "redis://h:1/zero"], "--broker"),
+        ({}, ["--model-dir", "m", "--lease-seconds", "0"], "--lease-seconds"),
     ],
 )
 def test_bad_configuration_exits_2_with_one_line(environ, argv, message, capsys) -> None:
@@ -430,6 +434,23 @@ def test_grpc_codes_are_named_as_go_grpc_prometheus_names_them() -> None:
     assert go_code_name(grpc.StatusCode.INVALID_ARGUMENT) == "InvalidArgument"
     assert go_code_name(grpc.StatusCode.RESOURCE_EXHAUSTED) == "ResourceExhausted"
     assert go_code_name(grpc.StatusCode.DEADLINE_EXCEEDED) == "DeadlineExceeded"
+
+
+def test_the_broker_flag_takes_memory_or_a_redis_url() -> None:
+    assert parse_config(["--model-dir", "m"], {}).broker == "memory"
+    config = parse_config(["--model-dir", "m"], {f"{ENV_PREFIX}BROKER": "redis://redis.stylize:6379/2"})
+    assert config.broker == "redis://redis.stylize:6379/2"
+
+
+def test_every_grpc_method_and_code_is_exported_from_zero_before_the_first_call() -> None:
+    registry = new_registry()
+    GrpcMetricsInterceptor(registry).initialize([pb.DESCRIPTOR.services_by_name["StyleTransfer"]])
+    text = generate_latest(registry).decode()
+    for method, kind in (("Stylize", "server_stream"), ("SubmitJob", "unary"), ("CancelJob", "unary")):
+        labels = f'grpc_method="{method}",grpc_service="stylize.v1.StyleTransfer",grpc_type="{kind}"'
+        assert f"grpc_server_started_total{{{labels}}} 0.0" in text
+        for code in ("OK", "Canceled", "DeadlineExceeded", "Unavailable"):
+            assert f'grpc_server_handled_total{{grpc_code="{code}",{labels}}} 0.0' in text
 
 
 def test_every_rejection_reason_is_exported_from_zero() -> None:
