@@ -20,6 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
+from redisproc import RedisProcess
+from serverproc import ServerProcess, wait_until
 
 from stylize.server.config import build_parser
 from stylize.server.jobs import CANCEL_WAIT_SECONDS
@@ -419,3 +421,24 @@ def test_fleet_readme_names_the_overlays_files() -> None:
     readme = (overlay / "README.md").read_text()
     listed = set(re.findall(r"^\| `([\w.-]+\.yaml)` \|", readme, re.M))
     assert listed == {path.name for path in overlay.glob("*.yaml")}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server/main.py sets health '' NOT_SERVING too while the broker is down, so the liveness probe "
+    "restarts every replica after 4 x 20 s of a Redis outage, killing their running jobs (#14)",
+)
+def test_a_broker_outage_fails_readiness_but_not_liveness(model_dir: Path) -> None:
+    """The fleet's probes against a real server on a real Redis that goes away: readiness must take the
+    pod out of the Service, liveness must not restart it (its running jobs keep computing and the pod
+    serves again when Redis is back)."""
+    container = server_container(render("fleet"))
+    readiness = container["readinessProbe"]["grpc"]["service"]
+    liveness = container["livenessProbe"]["grpc"]["service"]
+    with RedisProcess() as redis_server:
+        broker = {"STYLIZE_BROKER": redis_server.url}
+        with ServerProcess(model_dir, "--device", "cpu", "--workers", "1", env=broker) as server:
+            assert server.health(readiness) == server.health(liveness) == "SERVING"
+            redis_server.stop()
+            wait_until(lambda: server.health(readiness) == "NOT_SERVING", timeout=30)
+            assert server.health(liveness) == "SERVING"
