@@ -22,6 +22,18 @@ DEFAULT_METRICS_PORT = 9464
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 PROVIDER_CHOICES = ("tensorrt", "cuda", "cpu")
 MEMORY_BROKER = "memory"
+AUTH_EXEMPT_CHOICES = ("health", "reflection")
+# How an environment variable spells an on/off flag.
+BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 # A job's worker renews its lease well within this; a job whose lease is this old is run elsewhere.
 DEFAULT_LEASE_SECONDS = 15.0
 DEFAULT_MAX_ATTEMPTS = 3
@@ -55,6 +67,17 @@ class ServerConfig:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     max_connection_age: float = DEFAULT_MAX_CONNECTION_AGE_SECONDS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # A plaintext port serving only the health service (Kubernetes' gRPC probes); None: none.
+    health_port: int | None = None
+    token_file: Path | None = None
+    tenant_from_client_cert: bool = False
+    # Services reachable without a token: "health", "reflection".
+    auth_exempt: tuple[str, ...] = ("health",)
+    reflection: str = "auto"
+    metrics_host: str | None = None
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
     log_level: str = "INFO"
 
@@ -134,6 +157,16 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def _exempt(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in AUTH_EXEMPT_CHOICES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of health,reflection, got {text!r}"
+        )
+    return names
 
 
 def _device(text: str) -> str:
@@ -286,6 +319,56 @@ def build_parser() -> argparse.ArgumentParser:
         default=limits.max_input_pixels,
         help="largest decoded input image (width*height, checked from the header before decoding)",
     )
+    add(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        help="PEM certificate chain for TLS on the gRPC port (with --tls-key); read again when it changes",
+    )
+    add("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    add(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
+    )
+    add(
+        "--health-port",
+        type=_port,
+        default=None,
+        help="also serve the health service alone, in plaintext, on this port (for Kubernetes' gRPC probes "
+        "when the main port needs TLS or tokens; keep it off the Service)",
+    )
+    add(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="JSON of tenants, their token sha256 digests and limits (README: Securing a deployment); "
+        "read again when it changes. Unset: the server is open to anyone who reaches it",
+    )
+    add(
+        "--tenant-from-client-cert",
+        action="store_true",
+        help="under mutual TLS, a call without a token belongs to the tenant its client certificate's "
+        "common name names",
+    )
+    add(
+        "--auth-exempt",
+        type=_exempt,
+        default="health",
+        help="services callable without a token: health, reflection (comma-separated; empty: none)",
+    )
+    add(
+        "--reflection",
+        choices=("on", "off", "auto"),
+        default="auto",
+        help="gRPC server reflection; auto: on only where no --token-file is set",
+    )
+    add(
+        "--metrics-host",
+        default=None,
+        help="address the /metrics port binds to (default: --host)",
+    )
     add("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     return parser
 
@@ -300,6 +383,11 @@ def _env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
         if variable not in environ:
             continue
         text = environ[variable]
+        if isinstance(action, argparse._StoreTrueAction):
+            if text.lower() not in BOOLEANS:
+                parser.error(f"{variable}={text!r}: expected one of {', '.join(BOOLEANS)}")
+            action.default = BOOLEANS[text.lower()]
+            continue
         try:
             value = action.type(text) if action.type else text
         except (argparse.ArgumentTypeError, ValueError) as error:
@@ -317,6 +405,12 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     args = parser.parse_args(argv)
     if args.model_dir is None:
         parser.error(f"--model-dir (or {ENV_PREFIX}MODEL_DIR) is required")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.tenant_from_client_cert and args.tls_client_ca is None:
+        parser.error("--tenant-from-client-cert needs mutual TLS (--tls-client-ca)")
     return ServerConfig(
         model_dir=args.model_dir,
         host=args.host,
@@ -338,6 +432,15 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         max_attempts=args.max_attempts,
         max_connection_age=args.max_connection_age_seconds,
         max_message_bytes=args.max_message_bytes,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        health_port=args.health_port,
+        token_file=args.token_file,
+        tenant_from_client_cert=args.tenant_from_client_cert,
+        auth_exempt=args.auth_exempt,
+        reflection=args.reflection,
+        metrics_host=args.metrics_host,
         limits=Limits(
             max_size=args.max_size,
             max_pixels=args.max_pixels,

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime
 import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -11,6 +17,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from stylize.api.options import FieldViolation, OptionsError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,8 @@ class JobStatus:
     # Why, for the stylize_jobs metric's `reason` label where the code alone does not say (queue_full,
     # oom, ...); empty: the code's name, lower case.
     reason: str = ""
+    # When trying again may succeed (a per-tenant budget); sent as google.rpc.RetryInfo.
+    retry_after_seconds: float | None = None
 
     @classmethod
     def invalid(cls, error: OptionsError) -> JobStatus:
@@ -44,12 +54,96 @@ class JobStatus:
             packed = any_pb2.Any()
             packed.Pack(bad_request)
             detail.details.append(packed)
+        if self.retry_after_seconds is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromTimedelta(datetime.timedelta(seconds=max(0.0, self.retry_after_seconds)))
+            packed = any_pb2.Any()
+            packed.Pack(retry)
+            detail.details.append(packed)
         return rpc_status.to_status(detail)
 
 
 async def abort(context: grpc.aio.ServicerContext, status: JobStatus) -> None:
     """End the call with `status` (raises, like context.abort)."""
     await context.abort_with_status(status.to_rpc_status())
+
+
+# What a wrapped handler runs inside: an async context manager made per call from (request, context). It
+# may abort before the handler runs, and sees the handler's exceptions.
+Around = Callable[[object, grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    around: Around,
+    request_deserializer: Callable[[bytes], object] | None = None,
+) -> grpc.RpcMethodHandler | None:
+    """`handler` run inside `around(request, context)`: unary and server-streaming handlers, and
+    bidirectional ones that are async generators (reflection); None for any other kind, so nothing passes
+    unwrapped. `request_deserializer` replaces the handler's."""
+    parse = request_deserializer or handler.request_deserializer
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+
+        async def wrapped_unary(request, context):
+            async with around(request, context):
+                return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(wrapped_unary, parse, serialize)
+    streaming = handler.unary_stream or handler.stream_stream
+    if streaming is None:
+        return None
+    make = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream is not None
+        else grpc.stream_stream_rpc_method_handler
+    )
+    if inspect.isasyncgenfunction(streaming):
+
+        async def wrapped_stream(request, context):
+            async with around(request, context):
+                async for response in streaming(request, context):
+                    yield response
+
+        return make(wrapped_stream, parse, serialize)
+    if handler.stream_stream is not None:
+        return None
+
+    async def wrapped_writer(request, context):  # a handler that writes with context.write() (health)
+        async with around(request, context):
+            return await streaming(request, context)
+
+    return make(wrapped_writer, parse, serialize)
+
+
+class InternalErrorInterceptor(grpc.aio.ServerInterceptor):
+    """An exception that no handler turned into a status ends the call with INTERNAL and a request id. The
+    exception goes to the log with that id, never to the caller: grpc.aio would send its text as UNKNOWN."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        @contextlib.asynccontextmanager
+        async def reported(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            try:
+                yield
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception:
+                request_id = uuid.uuid4().hex[:16]
+                log.exception("request %s to %s failed", request_id, method)
+                await abort(
+                    context,
+                    JobStatus(
+                        grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}; see the log)"
+                    ),
+                )
+
+        return wrap_handler(handler, reported) or handler
 
 
 class _Malformed:
@@ -69,7 +163,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None or handler.stream_stream is not None:
             return handler
         parse, method = handler.request_deserializer, handler_call_details.method
 
@@ -83,27 +177,10 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             message = f"the request is not a valid message for {method}: {request.reason}"
             await abort(context, JobStatus(grpc.StatusCode.INVALID_ARGUMENT, message))
 
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
+        @contextlib.asynccontextmanager
+        async def checked(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            yield
 
-            async def checked_unary(request, context):
-                if isinstance(request, _Malformed):
-                    await refuse(request, context)
-                return await unary(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                checked_unary, tolerant_parse, handler.response_serializer
-            )
-        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            stream = handler.unary_stream
-
-            async def checked_stream(request, context):
-                if isinstance(request, _Malformed):
-                    await refuse(request, context)
-                async for response in stream(request, context):
-                    yield response
-
-            return grpc.unary_stream_rpc_method_handler(
-                checked_stream, tolerant_parse, handler.response_serializer
-            )
-        return handler
+        return wrap_handler(handler, checked, tolerant_parse) or handler

@@ -8,6 +8,7 @@ Cancellation sets the lease's threading.Event; the engine checks it every iterat
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from .errors import JobStatus
 from .metrics import ServiceMetrics, size_class
 
 log = logging.getLogger(__name__)
+audit_log = logging.getLogger("stylize.audit")
 
 # Weight of the newest iteration in the running seconds-per-pixel-iteration figure.
 SPEED_SMOOTHING = 0.2
@@ -90,6 +92,28 @@ class _Outcome:
     completed: pb.JobEvent | None = None
 
 
+def audit(lease: Lease, status: str, reason: str, seconds: float) -> None:
+    """The one log line per job that says who ran what (never image bytes or tokens)."""
+    options = lease.request.options
+    audit_log.info(
+        "%s",
+        json.dumps(
+            {
+                "job": lease.job_id,
+                "tenant": lease.tenant,
+                "client_tag": lease.request.client_tag,
+                "size": options.size,
+                "iterations": options.initial_iterations,
+                "attempt": lease.attempt,
+                "outcome": status,
+                "reason": reason,
+                "queue_seconds": round(lease.queue_seconds, 3),
+                "run_seconds": round(seconds, 3),
+            }
+        ),
+    )
+
+
 class JobManager:
     """The worker threads of this server, and the broker they take jobs from."""
 
@@ -109,6 +133,7 @@ class JobManager:
         metrics.queue_capacity.set_function(lambda: broker.figures().capacity)
         metrics.queue_depth.set_function(lambda: broker.figures().depth)
         metrics.fleet_queue_depth.set_function(lambda: broker.figures().depth)
+        metrics.queue_oldest_wait.set_function(lambda: broker.figures().oldest_wait_seconds)
 
     @property
     def draining(self) -> bool:
@@ -165,17 +190,24 @@ class JobManager:
     # ------------------------------------------------------------ worker side
 
     def _work(self, worker: int) -> None:
+        waiting_for_broker = False
         while not self._stopping.is_set():
             try:
                 lease = self.broker.take(worker, TAKE_SECONDS)
             except BrokerUnavailable as error:
-                log.warning("worker %d: %s; retrying in %.0f s", worker, error, BROKER_RETRY_SECONDS)
+                if not waiting_for_broker:
+                    log.warning(
+                        "worker %d: %s; asking again every %.0f s", worker, error, BROKER_RETRY_SECONDS
+                    )
+                waiting_for_broker = True
                 self._stopping.wait(BROKER_RETRY_SECONDS)
                 continue
+            waiting_for_broker = False
             if lease is None:
                 continue
             with self._lock:
                 self._running += 1
+            began = time.monotonic()
             try:
                 outcome = self._run(lease, worker)
             finally:
@@ -184,6 +216,7 @@ class JobManager:
             status = STATE_STATUS.get(outcome.state, "failed")
             reason = "ok" if outcome.status is None else outcome.status.outcome_reason
             self._metrics.jobs.labels(status, reason, lease.request.options.backbone.value).inc()
+            audit(lease, status, reason, time.monotonic() - began)
             # The result goes out only after the metrics count the job as done, so a scrape taken when
             # the caller has its result never still shows the job in progress.
             lease.finish(outcome.state, outcome.status, outcome.completed)

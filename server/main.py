@@ -33,19 +33,24 @@ from grpc_reflection.v1alpha import reflection
 
 from stylize.v1 import stylize_pb2, stylize_pb2_grpc
 
+from .auth import Authenticator, AuthInterceptor, TokenFile, TokenFileError
 from .broker import Broker
 from .broker.memory import MemoryBroker
 from .broker.redis import RedisBroker
 from .config import MEMORY_BROKER, ServerConfig, parse_config
-from .errors import MalformedRequestInterceptor
+from .errors import InternalErrorInterceptor, MalformedRequestInterceptor
 from .jobs import JobManager
 from .metrics import GrpcMetricsInterceptor, ServiceMetrics, new_registry, serve_metrics
 from .runtime import Runtime, StartupError
 from .service import StyleTransferService, version
+from .tls import ReloadingCredentials, TlsError, TlsFiles
 
 log = logging.getLogger("stylize.server")
 
 SERVICE_NAME = stylize_pb2.DESCRIPTOR.services_by_name["StyleTransfer"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# --auth-exempt's names.
+EXEMPTABLE = {"health": HEALTH_SERVICE_NAME, "reflection": reflection.SERVICE_NAME}
 HEALTH_SERVICES = ("", SERVICE_NAME)
 # How often health looks at the broker's reachability.
 HEALTH_POLL_SECONDS = 0.5
@@ -98,23 +103,54 @@ async def _follow_health(
     runtime: Runtime,
     manager: JobManager,
 ) -> None:
-    """SERVING exactly while the model passed its probe, the broker answers and the server is not
-    draining; polled, so a broker that comes back is served again with no restart."""
-    serving: bool | None = None
+    """Health, polled until draining: the overall service "" (liveness) is SERVING while the model passed
+    its probe; "stylize.v1.StyleTransfer" (readiness) also needs the broker to answer. A Redis outage thus
+    takes the pods out of the Service without restarting them (their running jobs go on), and they serve
+    again when it is back."""
+    serving: tuple[bool, bool] | None = None
     while not manager.draining:
         up = manager.broker.available
         metrics.broker_up.set(1 if up else 0)
-        now = runtime.ready and up
+        now = (runtime.ready, runtime.ready and up)
         if now != serving:
             if serving is not None:
-                log.warning("%s: broker %s", "SERVING again" if now else "NOT_SERVING", manager.broker.name)
+                log.warning(
+                    "%s: broker %s", "SERVING again" if now[1] else "NOT_SERVING", manager.broker.name
+                )
             serving = now
-            await _set_health(
-                health_servicer,
-                health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING,
-            )
-            metrics.serving.set(1 if now else 0)
+            for name, status in zip(HEALTH_SERVICES, now, strict=True):
+                await health_servicer.set(name, _health_status(status))
+            metrics.serving.set(1 if now[1] else 0)
         await asyncio.sleep(HEALTH_POLL_SECONDS)
+
+
+def _authenticator(config: ServerConfig) -> Authenticator:
+    try:
+        tokens = TokenFile(config.token_file) if config.token_file is not None else None
+    except TokenFileError as error:
+        raise StartupError(str(error)) from None
+    return Authenticator(tokens, tenant_from_client_cert=config.tenant_from_client_cert)
+
+
+async def _serve_health(
+    config: ServerConfig, health_servicer: health.aio.HealthServicer
+) -> grpc.aio.Server | None:
+    """The plaintext health-only port (--health-port), or None."""
+    if config.health_port is None:
+        return None
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.health_port}")
+    except RuntimeError as error:
+        raise StartupError(f"cannot listen on {config.host}:{config.health_port}: {error}") from None
+    await server.start()
+    log.info("health (plaintext, health service only) on %s:%d", config.host, port)
+    return server
+
+
+def _health_status(serving: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def _record_runtime(metrics: ServiceMetrics, runtime: Runtime) -> None:
@@ -150,7 +186,10 @@ async def serve(config: ServerConfig) -> int:
     metrics.build_info.labels(version()).set(1)
     started = _Started()
     health_servicer = health.aio.HealthServicer()
-    # The metrics interceptor is outermost, so it also counts requests refused as malformed.
+    authenticator = _authenticator(config)
+    exempt = {EXEMPTABLE[name] for name in config.auth_exempt}
+    # Outermost first: metrics count every call, refused ones included; an unexpected exception becomes
+    # INTERNAL with a request id; the caller is authenticated before a request is looked at.
     grpc_metrics = GrpcMetricsInterceptor(registry)
     grpc_metrics.initialize(
         (
@@ -159,26 +198,48 @@ async def serve(config: ServerConfig) -> int:
         )
     )
     server = grpc.aio.server(
-        interceptors=[grpc_metrics, MalformedRequestInterceptor()],
+        interceptors=[
+            grpc_metrics,
+            InternalErrorInterceptor(),
+            AuthInterceptor(authenticator, exempt),
+            MalformedRequestInterceptor(),
+        ],
         options=server_options(config),
     )
     stylize_pb2_grpc.add_StyleTransferServicer_to_server(
         StyleTransferService(config, metrics, lambda: started.runtime, lambda: started.manager), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    if config.reflection == "on" or (config.reflection == "auto" and config.token_file is None):
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    if authenticator.open:
+        log.warning(
+            "OPEN SERVER: no --token-file, so anyone who reaches %s:%s may submit, watch and cancel any "
+            "job (README: Securing a deployment)",
+            config.host,
+            config.port,
+        )
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if config.tls_cert is not None and config.tls_key is not None:
+            files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+            port = server.add_secure_port(address, ReloadingCredentials(files).credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except TlsError as error:
+        raise StartupError(str(error)) from None
     except RuntimeError as error:
-        raise StartupError(f"cannot listen on {config.host}:{config.port}: {error}") from None
+        raise StartupError(f"cannot listen on {address}: {error}") from None
+    health_server = await _serve_health(config, health_servicer)
+    metrics_host = config.metrics_host or config.host
     try:
-        metrics_port = serve_metrics(registry, config.host, config.metrics_port)
+        metrics_server = await serve_metrics(registry, metrics_host, config.metrics_port)
     except OSError as error:
-        raise StartupError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {error}") from None
+        raise StartupError(f"cannot serve metrics on {metrics_host}:{config.metrics_port}: {error}") from None
+    metrics_port = metrics_server.sockets[0].getsockname()[1]
     await server.start()
     print(f"listening on {config.host}:{port} metrics on :{metrics_port}", flush=True)
 
@@ -230,6 +291,9 @@ async def serve(config: ServerConfig) -> int:
         return 0
     finally:
         await server.stop(STOP_GRACE_SECONDS)
+        if health_server is not None:
+            await health_server.stop(0)
+        metrics_server.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable, Sequence
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
@@ -110,6 +111,11 @@ class ServiceMetrics:
         self.fleet_queue_depth = Gauge(
             "stylize_fleet_queue_depth",
             "Jobs waiting across the fleet (every replica on one Redis broker reports the same figure).",
+            registry=registry,
+        )
+        self.queue_oldest_wait = Gauge(
+            "stylize_queue_oldest_wait_seconds",
+            "How long the oldest waiting job has waited (fleet-wide with the Redis broker).",
             registry=registry,
         )
         self.queue_capacity = Gauge(
@@ -220,10 +226,59 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:
-    """Serve /metrics on a background thread; returns the bound port (useful with port 0)."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server.server_address[1]
+# The /metrics endpoint on the event loop: no thread per connection, at most this many open at once (more
+# are closed at once), each with this long to send its request head of at most this many bytes.
+MAX_METRICS_CONNECTIONS = 32
+METRICS_REQUEST_SECONDS = 5.0
+MAX_METRICS_REQUEST_BYTES = 8192
+
+
+def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+class MetricsEndpoint:
+    """GET /metrics (HEAD too) and nothing else: other paths get 404, other methods 405."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._registry = registry
+        self._open = 0
+
+    def answer(self, head: bytes) -> bytes:
+        method, _, rest = head.partition(b" ")
+        target = rest.partition(b" ")[0].partition(b"?")[0]
+        if method not in (b"GET", b"HEAD"):
+            return _response("405 Method Not Allowed", b"only GET /metrics\n")
+        if target != b"/metrics":
+            return _response("404 Not Found", b"only /metrics\n")
+        body = generate_latest(self._registry)
+        response = _response("200 OK", body, CONTENT_TYPE_LATEST)
+        return response[: len(response) - len(body)] if method == b"HEAD" else response
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_METRICS_CONNECTIONS:
+            writer.close()
+            return
+        self._open += 1
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), METRICS_REQUEST_SECONDS)
+            writer.write(self.answer(head))
+            await asyncio.wait_for(writer.drain(), METRICS_REQUEST_SECONDS)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # a slow, oversized or vanished client: drop the connection
+        finally:
+            self._open -= 1
+            writer.close()
+
+
+async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> asyncio.Server:
+    """Serve /metrics on the running loop; the bound port is `server.sockets[0].getsockname()[1]`."""
+    endpoint = MetricsEndpoint(registry)
+    return await asyncio.start_server(endpoint.handle, host, port, limit=MAX_METRICS_REQUEST_BYTES)
 
 
 # ---------------------------------------------------------------- gRPC (go-grpc-prometheus names)

@@ -16,20 +16,25 @@ estimate and every deadline is accepted; a call that then runs out of time is ca
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import hmac
 import importlib.metadata
 import logging
-from collections.abc import AsyncIterator, Callable
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 
+from stylize.api import schedule
 from stylize.api.options import DEFAULTS, ECHO_CHARACTERS, LAYERS, Backbone, FieldViolation, OptionsError
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
 
 from . import convert
-from .broker import SHUTDOWN, BrokerUnavailable, JobEnd, Rejected
+from .auth import Tenant, current_tenant, token_digest
+from .broker import SHUTDOWN, BrokerUnavailable, JobEnd, JobOwner, Rejected, over_tenant_limit
 from .config import ServerConfig
 from .errors import JobStatus, abort
 from .jobs import JobManager
@@ -44,6 +49,32 @@ DEADLINE_MARGIN = 0.5
 # the client's: a caller whose deadline passed usually cancels (RST_STREAM) before the server's timer fires.
 # A call that ends this close to its deadline counts as deadline exceeded.
 DEADLINE_SKEW_SECONDS = 0.5
+WATCH_TOKEN_BYTES = 16
+
+
+class DecodeSlots:
+    """Request decodes in progress per tenant on this server, against the tenant's
+    max_concurrent_decodes: a 60 MiB request costs memory before any queue sees it."""
+
+    def __init__(self) -> None:
+        self._busy: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def slot(self, tenant: Tenant) -> Iterator[JobStatus | None]:
+        """Yields None with a slot held, or the refusal when the tenant has none free."""
+        maximum = tenant.limits.max_concurrent_decodes
+        if maximum and self._busy[tenant.name] >= maximum:
+            yield over_tenant_limit(
+                tenant.name, "max_concurrent_decodes", self._busy[tenant.name], maximum, 1.0
+            )
+            return
+        self._busy[tenant.name] += 1
+        try:
+            yield None
+        finally:
+            self._busy[tenant.name] -= 1
+            if not self._busy[tenant.name]:
+                del self._busy[tenant.name]
 
 
 def version() -> str:
@@ -66,6 +97,7 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         # Both appear once start-up finished; until then calls get UNAVAILABLE.
         self._runtime = runtime_ready
         self._manager = manager
+        self._decodes = DecodeSlots()
         # Cancellations started for callers that left, kept so they are not garbage-collected mid-way.
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -100,17 +132,25 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
 
     async def _accept(
         self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext, *, owned_by_call: bool
-    ) -> tuple[str, int]:
+    ) -> tuple[str, int, str]:
+        """Queue the job: (job id, jobs ahead of it, its watch token or "")."""
         manager = await self._require_manager(context)
+        tenant = current_tenant.get()
         # Before decoding: a full queue refuses a 60 MiB request as fast as a tiny one.
         refusal = manager.broker.admission()
         if refusal is not None:
             await self._reject(context, refusal)
-        try:
-            job_request = await asyncio.to_thread(convert.request_from_proto, request, self._config.limits)
-            self._runtime().check_backbone(job_request.options)
-        except OptionsError as error:
-            await self._reject(context, JobStatus.invalid(error))
+        with self._decodes.slot(tenant) as refusal:
+            if refusal is not None:
+                await self._reject(context, refusal)
+            try:
+                job_request = await asyncio.to_thread(
+                    convert.request_from_proto, request, self._config.limits
+                )
+                self._runtime().check_backbone(job_request.options)
+            except OptionsError as error:
+                await self._reject(context, JobStatus.invalid(error))
+        plan = schedule.plan_for(job_request.options, job_request.content.size)
         # Only a Stylize call lives as long as its job; SubmitJob's deadline covers the submission alone.
         remaining = context.time_remaining() if owned_by_call else None
         estimate = manager.estimate_run_seconds(job_request) if remaining is not None else None
@@ -123,13 +163,32 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
                     reason="deadline_too_short",
                 ),
             )
+        # A Stylize caller has no response to receive a watch token in.
+        watch_token = "" if owned_by_call else secrets.token_urlsafe(WATCH_TOKEN_BYTES)
+        owner = JobOwner(tenant.name, token_digest(watch_token) if watch_token else "")
         try:
-            return await manager.broker.submit(request, job_request, owned_by_call=owned_by_call)
+            job_id, position = await manager.broker.submit(
+                request,
+                job_request,
+                owned_by_call=owned_by_call,
+                owner=owner,
+                limits=tenant.limits,
+                work=sum(scale.pixels * scale.iterations for scale in plan),
+            )
         except Rejected as rejected:
             await self._reject(context, rejected.status)
         except BrokerUnavailable as error:
             await self._reject(context, error.status)
-        raise AssertionError("unreachable: abort raises")
+        log.info(
+            "job %s accepted: tenant %r, client_tag %r, %dx%d, %d iterations",
+            job_id,
+            tenant.name,
+            job_request.client_tag,
+            plan[-1].width,
+            plan[-1].height,
+            sum(scale.iterations for scale in plan),
+        )
+        return job_id, position, watch_token
 
     async def _follow(
         self, job_id: str, context: grpc.aio.ServicerContext, *, owner: bool
@@ -188,7 +247,12 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
             # Ended while still queued: no worker saw it, so the count is made here.
             self._metrics.jobs.labels("cancelled", status.outcome_reason, "").inc()
 
-    async def _find(self, job_id: str, context: grpc.aio.ServicerContext) -> str:
+    async def _find(
+        self, job_id: str, context: grpc.aio.ServicerContext, *, watch_token: str | None = None
+    ) -> str:
+        """The job, if the caller may see it: its tenant's, or (`watch_token` given: watching) one whose
+        watch token this is. Anything else is NOT_FOUND, exactly like an unknown id, so ids cannot be
+        probed across tenants."""
         manager = self._manager()
         if not job_id:
             await abort(
@@ -198,10 +262,19 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         if manager is not None:
             await self._require_broker(manager, context)
         try:
-            found = manager is not None and await manager.broker.exists(job_id)
+            owner = await manager.broker.owner(job_id) if manager is not None else None
         except BrokerUnavailable as error:
             await abort(context, error.status)
-        if not found:
+        caller = current_tenant.get()
+        allowed = owner is not None and (
+            owner.tenant == caller.name
+            or bool(
+                watch_token
+                and owner.watch_token_sha256
+                and hmac.compare_digest(token_digest(watch_token), owner.watch_token_sha256)
+            )
+        )
+        if not allowed:
             await abort(
                 context,
                 JobStatus(
@@ -215,7 +288,7 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
     # ------------------------------------------------------------ RPCs
 
     async def Stylize(self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext):
-        job_id, _ = await self._accept(request, context, owned_by_call=True)
+        job_id, _, _ = await self._accept(request, context, owned_by_call=True)
         # aclosing: the inner generator's clean-up must run now, also when the caller's cancellation
         # arrives while this generator is suspended at `yield`.
         async with contextlib.aclosing(self._follow(job_id, context, owner=True)) as events:
@@ -223,11 +296,11 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
                 yield event
 
     async def SubmitJob(self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext):
-        job_id, position = await self._accept(request, context, owned_by_call=False)
-        return pb.SubmitJobResponse(job_id=job_id, queue_position=position)
+        job_id, position, watch_token = await self._accept(request, context, owned_by_call=False)
+        return pb.SubmitJobResponse(job_id=job_id, queue_position=position, watch_token=watch_token)
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext):
-        job_id = await self._find(request.job_id, context)
+        job_id = await self._find(request.job_id, context, watch_token=request.watch_token)
         async with contextlib.aclosing(self._follow(job_id, context, owner=False)) as events:
             async for event in events:
                 yield event

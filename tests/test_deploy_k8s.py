@@ -423,11 +423,6 @@ def test_fleet_readme_names_the_overlays_files() -> None:
     assert listed == {path.name for path in overlay.glob("*.yaml")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/main.py sets health '' NOT_SERVING too while the broker is down, so the liveness probe "
-    "restarts every replica after 4 x 20 s of a Redis outage, killing their running jobs (#14)",
-)
 def test_a_broker_outage_fails_readiness_but_not_liveness(model_dir: Path) -> None:
     """The fleet's probes against a real server on a real Redis that goes away: readiness must take the
     pod out of the Service, liveness must not restart it (its running jobs keep computing and the pod

@@ -1,9 +1,10 @@
 """A fleet: three `stylize-server` processes on one real redis-server, all on 127.0.0.1.
 
 - A job submitted on one replica is watched from the two others at once (the same events in the same
-  order) and cancelled from the third.
+  order) and cancelled from the third; a Stylize caller that leaves cancels its job wherever it runs.
 - Redis stops answering (SIGSTOP) for a few seconds: every call fails fast with UNAVAILABLE naming the
-  broker, health turns NOT_SERVING, a job running meanwhile finishes, and service resumes with no restart.
+  broker, readiness (not liveness) turns NOT_SERVING, a job running meanwhile finishes, and service
+  resumes with no restart.
 - The process running a job is SIGKILLed: another process runs the job again and it completes; the
   watchers are told, with the attempt number.
 
@@ -21,7 +22,16 @@ from pathlib import Path
 import grpc
 import pytest
 from redisproc import RedisProcess
-from serverproc import LONG, ServerProcess, StreamReader, sample, scrape, stylize_request, wait_until
+from serverproc import (
+    LONG,
+    SERVICE_NAME,
+    ServerProcess,
+    StreamReader,
+    sample,
+    scrape,
+    stylize_request,
+    wait_until,
+)
 
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
@@ -102,6 +112,30 @@ def test_a_job_submitted_on_one_replica_is_watched_by_two_others_and_cancelled_f
     assert late.code == grpc.StatusCode.CANCELLED and kinds(late.events)[:2] == ["queued", "started"]
 
 
+def test_a_stylize_caller_that_leaves_cancels_its_job_on_whichever_replica_runs_it(
+    fleet: list[ServerProcess],
+) -> None:
+    def cancelled() -> float:
+        return sum(
+            sample(scrape(s.metrics_url), "stylize_jobs_total", status="cancelled", reason="cancelled") or 0
+            for s in fleet
+        )
+
+    before = cancelled()
+    call = stub(fleet[0]).Stylize(stylize_request(LONG))  # no deadline: LONG runs until cancelled
+    job_id = ""
+    for event in call:
+        job_id = event.job_id
+        if event.HasField("progress"):
+            break
+    call.cancel()
+    # Counted by the worker that ran it, wherever that was (no watcher here: one would keep it running).
+    wait_until(lambda: cancelled() == before + 1, 30, poll=0.2)
+    with pytest.raises(grpc.RpcError) as ended:
+        list(stub(fleet[1]).WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=10))
+    assert ended.value.code() == grpc.StatusCode.CANCELLED and ended.value.details() == "the caller cancelled"
+
+
 def test_while_redis_hangs_calls_fail_fast_a_running_job_finishes_and_service_resumes(
     fleet: list[ServerProcess], redis_server: RedisProcess
 ) -> None:
@@ -120,7 +154,11 @@ def test_while_redis_hangs_calls_fail_fast_a_running_job_finishes_and_service_re
                 with pytest.raises(grpc.RpcError) as caught:
                     call(stub(server))
                 failures.append((caught.value.code(), caught.value.details(), time.monotonic() - began))
-        wait_until(lambda: all(server.health() == "NOT_SERVING" for server in fleet), FAIL_FAST_SECONDS)
+        # Readiness drops (Kubernetes stops routing to the pods); liveness does not (no restarts).
+        wait_until(
+            lambda: all(server.health(SERVICE_NAME) == "NOT_SERVING" for server in fleet), FAIL_FAST_SECONDS
+        )
+        assert [server.health() for server in fleet] == ["SERVING"] * 3
         time.sleep(max(0.0, PAUSE_SECONDS - 1))
     finally:
         redis_server.resume()
@@ -128,7 +166,7 @@ def test_while_redis_hangs_calls_fail_fast_a_running_job_finishes_and_service_re
     assert all("job broker redis://127.0.0.1" in details for _, details, _ in failures), failures
     assert max(seconds for _, _, seconds in failures) < FAIL_FAST_SECONDS, failures
 
-    wait_until(lambda: all(server.health() == "SERVING" for server in fleet), 15)
+    wait_until(lambda: all(server.health(SERVICE_NAME) == "SERVING" for server in fleet), 15)
     watcher = StreamReader(stub(fleet[1]).WatchJob(pb.WatchJobRequest(job_id=running)))
     watcher.join(120)
     assert watcher.code == grpc.StatusCode.OK and watcher.events[-1].HasField("completed")

@@ -18,7 +18,8 @@ from serverproc import png_bytes, stylize_request
 
 from stylize.api.options import DEFAULT_LIMITS, DEFAULTS, Optimizer, OptionsError, Pooling
 from stylize.server import convert, jobs
-from stylize.server.broker import Broker, JobEnd, Rejected
+from stylize.server.auth import TenantLimits
+from stylize.server.broker import Broker, JobEnd, JobOwner, Rejected
 from stylize.server.broker.memory import SUBSCRIBER_BACKLOG, Job, MemoryBroker
 from stylize.server.broker.redis import RedisBroker
 from stylize.server.codec import decode_image
@@ -26,6 +27,7 @@ from stylize.server.config import ENV_PREFIX, build_parser, parse_config
 from stylize.server.engine.imageio import tensor_to_pil
 from stylize.server.engine.records import Cancelled, Losses, NonFiniteLoss, Progress, Result, Started
 from stylize.server.errors import JobStatus
+from stylize.server.main import server_options
 from stylize.server.metrics import GrpcMetricsInterceptor, ServiceMetrics, go_code_name, new_registry
 from stylize.v1 import stylize_pb2 as pb
 
@@ -89,6 +91,8 @@ def redis_server() -> Iterator[RedisProcess]:
 
 
 BrokerFactory = Callable[..., Broker]
+ANYONE = JobOwner()
+UNLIMITED = TenantLimits()
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -124,8 +128,15 @@ async def stop_manager(manager: jobs.JobManager) -> None:
     await manager.broker.close()
 
 
-async def submit(manager: jobs.JobManager) -> tuple[str, int]:
-    return await manager.broker.submit(a_message(), a_request(), owned_by_call=False)
+async def submit(
+    manager: jobs.JobManager,
+    owner: JobOwner = ANYONE,
+    limits: TenantLimits = UNLIMITED,
+    work: int = 1,
+) -> tuple[str, int]:
+    return await manager.broker.submit(
+        a_message(), a_request(), owned_by_call=False, owner=owner, limits=limits, work=work
+    )
 
 
 async def follow(manager: jobs.JobManager, job_id: str) -> tuple[list[pb.JobEvent], JobEnd]:
@@ -229,7 +240,7 @@ def test_events_reach_every_subscriber_in_order_and_a_late_one_gets_a_replay(mak
 
 def test_a_slow_watcher_loses_old_progress_events_but_never_the_end() -> None:
     async def scenario():
-        job = Job(a_request(), owned_by_call=False)
+        job = Job(a_request(), owned_by_call=False, owner=JobOwner())
         subscription = job.subscribe()
         job.publish(convert.queued_event(0))
         for iteration in range(1, SUBSCRIBER_BACKLOG + 20):
@@ -312,6 +323,11 @@ def test_cancelling_a_queued_job_frees_its_place_at_once(make_broker) -> None:
         while manager.snapshot().running == 0:
             await asyncio.sleep(0.01)
         queued, _ = await submit(manager)
+        # The figures the metrics and GetServerInfo report (Redis: polled, a tick late at most).
+        async with asyncio.timeout(5):
+            while (figures := manager.broker.figures()).depth != 1:
+                await asyncio.sleep(0.05)
+        assert figures.capacity == 1 and 0 <= figures.oldest_wait_seconds < 5
         with pytest.raises(Rejected) as caught:
             await submit(manager)
         assert caught.value.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -331,14 +347,52 @@ def test_cancelling_a_queued_job_frees_its_place_at_once(make_broker) -> None:
     assert draining.code == grpc.StatusCode.UNAVAILABLE and draining.message == "server shutting down"
 
 
+def test_tenant_limits_refuse_that_tenant_with_the_limit_named_while_another_tenant_runs(make_broker) -> None:
+    async def scenario():
+        engine = FakeEngine(iterations=2)
+        engine.step.clear()  # the first job holds the only worker
+        manager = await start_manager(engine, make_broker, max_queue=8)
+        acme, other = JobOwner("acme", "ab" * 32), JobOwner("other")
+        one_job = TenantLimits(max_jobs_in_flight=1)
+        first, _ = await submit(manager, acme, one_job)
+        refusals = []
+        with pytest.raises(Rejected) as caught:
+            await submit(manager, acme, one_job)
+        refusals.append(caught.value.status)
+        budget = TenantLimits(max_pixel_iterations_per_minute=1000)
+        await submit(manager, other, budget, work=600)
+        with pytest.raises(Rejected) as caught:
+            await submit(manager, other, budget, work=600)
+        refusals.append(caught.value.status)
+        queued = TenantLimits(max_queued=1)
+        with pytest.raises(Rejected) as caught:
+            await submit(manager, other, queued)  # other's first job is still waiting
+        refusals.append(caught.value.status)
+        owners = (await manager.broker.owner(first), await manager.broker.owner("0" * 32))
+        engine.step.set()
+        await follow(manager, first)
+        second, _ = await submit(manager, acme, one_job)  # acme's first job ended: room again
+        await follow(manager, second)
+        await stop_manager(manager)
+        return refusals, owners
+
+    refusals, (owner, unknown) = asyncio.run(scenario())
+    assert [status.code for status in refusals] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert "'acme'" in refusals[0].message and "max_jobs_in_flight 1" in refusals[0].message
+    assert "max_pixel_iterations_per_minute 1000 (now 1200)" in refusals[1].message
+    assert 0 < refusals[1].retry_after_seconds <= 60
+    assert "max_queued 1" in refusals[2].message and refusals[2].reason == "tenant_limit"
+    assert owner == JobOwner("acme", "ab" * 32) and unknown is None
+
+
 def test_a_finished_job_is_forgotten_after_its_ttl(make_broker) -> None:
     async def scenario():
         manager = await start_manager(FakeEngine(iterations=1), make_broker, max_queue=1, finished_job_ttl=1)
         job_id, _ = await submit(manager)
         await follow(manager, job_id)
-        kept = await manager.broker.exists(job_id)
+        kept = await manager.broker.owner(job_id) is not None
         await asyncio.sleep(1.6)
-        forgotten = not await manager.broker.exists(job_id)
+        forgotten = await manager.broker.owner(job_id) is None
         await stop_manager(manager)
         return kept, forgotten
 
@@ -440,6 +494,17 @@ def test_the_broker_flag_takes_memory_or_a_redis_url() -> None:
     assert parse_config(["--model-dir", "m"], {}).broker == "memory"
     config = parse_config(["--model-dir", "m"], {f"{ENV_PREFIX}BROKER": "redis://redis.stylize:6379/2"})
     assert config.broker == "redis://redis.stylize:6379/2"
+
+
+def test_connections_rotate_after_the_configured_age_with_no_limit_on_a_running_stream() -> None:
+    options = dict(
+        server_options(parse_config(["--model-dir", "m", "--max-connection-age-seconds", "120"], {}))
+    )
+    assert options["grpc.max_connection_age_ms"] == 120_000
+    assert "grpc.max_connection_age_grace_ms" not in options  # gRPC's default: no limit
+    assert (
+        dict(server_options(parse_config(["--model-dir", "m"], {})))["grpc.max_connection_age_ms"] == 300_000
+    )
 
 
 def test_every_grpc_method_and_code_is_exported_from_zero_before_the_first_call() -> None:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import grpc
 
+from stylize.server.auth import TenantLimits
 from stylize.server.convert import JobRequest
 from stylize.server.errors import JobStatus
 from stylize.v1 import stylize_pb2 as pb
@@ -44,6 +45,34 @@ class BrokerUnavailable(Exception):
 
 
 @dataclass(frozen=True)
+class JobOwner:
+    """Whose job it is: only its tenant may watch or cancel it, and a holder of its watch token may watch."""
+
+    tenant: str = ""
+    # sha256 of the job's read-only watch token; "" when it has none.
+    watch_token_sha256: str = ""
+
+
+# Per-tenant budgets of pixel-iterations are counted in windows of this many seconds (wall clock).
+WORK_WINDOW_SECONDS = 60
+
+
+def over_tenant_limit(tenant: str, limit: str, value: int, maximum: int, retry_after: float) -> JobStatus:
+    """RESOURCE_EXHAUSTED naming the tenant's limit, with a retry-after hint."""
+    return JobStatus(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"tenant {tenant!r} is at its limit: {limit} {maximum} (now {value})",
+        reason="tenant_limit",
+        retry_after_seconds=retry_after,
+    )
+
+
+def work_window(now: float) -> tuple[int, float]:
+    """(the window's number, seconds until the next one)."""
+    return int(now // WORK_WINDOW_SECONDS), WORK_WINDOW_SECONDS - now % WORK_WINDOW_SECONDS
+
+
+@dataclass(frozen=True)
 class JobEnd:
     """The last item a watcher gets: the final state, and the status the stream ends with (None: OK)."""
 
@@ -66,6 +95,8 @@ class Lease(Protocol):
 
     job_id: str
     request: JobRequest
+    # The job's owner (JobOwner.tenant).
+    tenant: str
     attempt: int
     # Seconds from acceptance to this take.
     queue_seconds: float
@@ -104,12 +135,22 @@ class Broker(Protocol):
         ...
 
     async def submit(
-        self, message: pb.StylizeRequest, request: JobRequest, *, owned_by_call: bool
+        self,
+        message: pb.StylizeRequest,
+        request: JobRequest,
+        *,
+        owned_by_call: bool,
+        owner: JobOwner,
+        limits: TenantLimits,
+        work: int,
     ) -> tuple[str, int]:
-        """Queue a validated job: (job id, jobs ahead of it). Raises Rejected or BrokerUnavailable."""
+        """Queue a validated job: (job id, jobs ahead of it). `work` (pixel-iterations) counts against the
+        tenant's budget. Raises Rejected (queue full, a tenant limit) or BrokerUnavailable."""
         ...
 
-    async def exists(self, job_id: str) -> bool: ...
+    async def owner(self, job_id: str) -> JobOwner | None:
+        """Whose job it is; None for an unknown (or forgotten) job."""
+        ...
 
     def follow(self, job_id: str) -> AsyncIterator[pb.JobEvent | JobEnd]:
         """A watcher from the job's current state: first events, latest preview and progress, then live

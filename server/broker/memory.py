@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from stylize.server import convert
+from stylize.server.auth import TenantLimits
 from stylize.server.convert import JobRequest
 from stylize.server.errors import JobStatus
 from stylize.v1 import stylize_pb2 as pb
 
-from . import FINAL_STATES, SHUTDOWN, JobEnd, QueueFigures, Rejected
+from . import FINAL_STATES, SHUTDOWN, JobEnd, JobOwner, QueueFigures, Rejected, over_tenant_limit, work_window
 
 # Events a slow watcher may have pending before its oldest pending progress events are dropped (it sees
 # the gap in `sequence`); queued/started/completed are never dropped.
@@ -70,9 +71,10 @@ class Subscription:
 class Job:
     """A job's state and history; touched only on the event loop (except `cancel`, a threading.Event)."""
 
-    def __init__(self, request: JobRequest, *, owned_by_call: bool):
+    def __init__(self, request: JobRequest, *, owned_by_call: bool, owner: JobOwner):
         self.id = uuid.uuid4().hex
         self.request = request
+        self.owner = owner
         self.owned_by_call = owned_by_call
         self.state = pb.JOB_STATE_QUEUED
         self.accepted_at = time.monotonic()
@@ -161,6 +163,7 @@ class MemoryLease:
         self._job = job
         self.job_id = job.id
         self.request = job.request
+        self.tenant = job.owner.tenant
         self.attempt = 1
         self.queue_seconds = time.monotonic() - job.accepted_at
         self.cancel = job.cancel
@@ -193,6 +196,8 @@ class MemoryBroker:
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
+        # Pixel-iterations accepted per tenant in the current window: (window, amount).
+        self._work: dict[str, tuple[int, int]] = {}
 
     @property
     def available(self) -> bool:
@@ -230,13 +235,21 @@ class MemoryBroker:
         return None
 
     async def submit(
-        self, message: pb.StylizeRequest, request: JobRequest, *, owned_by_call: bool
+        self,
+        message: pb.StylizeRequest,
+        request: JobRequest,
+        *,
+        owned_by_call: bool,
+        owner: JobOwner,
+        limits: TenantLimits,
+        work: int,
     ) -> tuple[str, int]:
-        job = Job(request, owned_by_call=owned_by_call)
+        job = Job(request, owned_by_call=owned_by_call, owner=owner)
         with self._condition:
-            refusal = self._refusal()
+            refusal = self._refusal() or self._over_limit(owner.tenant, limits, work)
             if refusal is not None:
                 raise Rejected(refusal)
+            self._charge(owner.tenant, work)
             position = len(self._waiting)
             self._waiting.append(job)
             self._idle.clear()
@@ -245,8 +258,39 @@ class MemoryBroker:
         job.publish(convert.queued_event(position))
         return job.id, position
 
-    async def exists(self, job_id: str) -> bool:
-        return job_id in self._jobs
+    def _over_limit(self, tenant: str, limits: TenantLimits, work: int) -> JobStatus | None:
+        """Called under the condition's lock."""
+        window, retry_after = work_window(time.time())
+        if limits.max_jobs_in_flight:
+            in_flight = sum(1 for j in self._jobs.values() if j.owner.tenant == tenant and not j.finished)
+            if in_flight >= limits.max_jobs_in_flight:
+                return over_tenant_limit(
+                    tenant, "max_jobs_in_flight", in_flight, limits.max_jobs_in_flight, retry_after=1.0
+                )
+        if limits.max_queued:
+            queued = sum(1 for j in self._waiting if j.owner.tenant == tenant)
+            if queued >= limits.max_queued:
+                return over_tenant_limit(tenant, "max_queued", queued, limits.max_queued, retry_after=1.0)
+        if limits.max_pixel_iterations_per_minute:
+            used = self._work[tenant][1] if self._work.get(tenant, (None, 0))[0] == window else 0
+            if used + work > limits.max_pixel_iterations_per_minute:
+                return over_tenant_limit(
+                    tenant,
+                    "max_pixel_iterations_per_minute",
+                    used + work,
+                    limits.max_pixel_iterations_per_minute,
+                    retry_after,
+                )
+        return None
+
+    def _charge(self, tenant: str, work: int) -> None:
+        window, _ = work_window(time.time())
+        previous_window, used = self._work.get(tenant, (window, 0))
+        self._work[tenant] = (window, (used if previous_window == window else 0) + work)
+
+    async def owner(self, job_id: str) -> JobOwner | None:
+        job = self._jobs.get(job_id)
+        return job.owner if job is not None else None
 
     async def follow(self, job_id: str) -> AsyncIterator[pb.JobEvent | JobEnd]:
         job = self._jobs[job_id]

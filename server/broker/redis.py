@@ -13,6 +13,9 @@ Keys (Redis 7.0 or newer, for XAUTOCLAIM):
   QUEUED_JOB_TTL after submission (renewed while the job runs) and `finished_job_ttl` after the end.
 - `stylize:job:<id>:events`: the job's events, in order (capped at EVENTS_MAXLEN), then an `end` entry.
   Any replica's watcher tails it with XREAD.
+- `stylize:tenant:<name>:jobs` and `:queued`: a tenant's unfinished and waiting jobs (sorted by expiry
+  time, so a job whose key expired stops counting), and `:work:<window>`: the pixel-iterations it was
+  granted in that minute; the per-tenant limits are checked in the submission's script.
 - `stylize:cancel`: a pub/sub channel of job ids; the replica running the job sets its cancel event.
   The lease renewal also reads the cancellation, so a lost message delays it by one renewal at most.
 
@@ -48,11 +51,22 @@ from redis.exceptions import RedisError, ResponseError
 
 from stylize.api.options import FieldViolation, Limits, OptionsError
 from stylize.server import convert
+from stylize.server.auth import TenantLimits
 from stylize.server.convert import JobRequest
 from stylize.server.errors import JobStatus
 from stylize.v1 import stylize_pb2 as pb
 
-from . import SHUTDOWN, BrokerUnavailable, JobEnd, QueueFigures, Rejected
+from . import (
+    SHUTDOWN,
+    WORK_WINDOW_SECONDS,
+    BrokerUnavailable,
+    JobEnd,
+    JobOwner,
+    QueueFigures,
+    Rejected,
+    over_tenant_limit,
+    work_window,
+)
 from .memory import queue_full
 
 log = logging.getLogger(__name__)
@@ -93,18 +107,39 @@ local function queued_field(position)
 end
 """
 
-# KEYS: job, events, jobs, queued. ARGV: capacity, id, request, now, owned, event (without queued),
-# ttl, maxlen. Returns the position, or -1 when the queue is full (with the depth).
+# KEYS: job, events, jobs, queued, the tenant's unfinished jobs, its waiting jobs, its work this window.
+# ARGV: capacity, id, request, now, owned, event (without queued), ttl, maxlen, tenant, watch token digest,
+# max in flight, max queued, work, max work, window ttl. The tenant sets are sorted by expiry time, so a job
+# whose key expired stops counting. Returns {position, depth}, or {-1, depth} for a full queue, or
+# {-2, value, limit name} for a tenant limit.
 SUBMIT = (
     _QUEUED_FIELD
     + """
+local now = tonumber(ARGV[4])
 local depth = redis.call('ZCARD', KEYS[4])
 if depth >= tonumber(ARGV[1]) then return {-1, depth} end
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
+local in_flight = redis.call('ZCARD', KEYS[5])
+if tonumber(ARGV[11]) > 0 and in_flight >= tonumber(ARGV[11]) then
+  return {-2, in_flight, 'max_jobs_in_flight'}
+end
+local queued = redis.call('ZCARD', KEYS[6])
+if tonumber(ARGV[12]) > 0 and queued >= tonumber(ARGV[12]) then return {-2, queued, 'max_queued'} end
+local work = tonumber(redis.call('GET', KEYS[7]) or '0') + tonumber(ARGV[13])
+if tonumber(ARGV[14]) > 0 and work > tonumber(ARGV[14]) then
+  return {-2, work, 'max_pixel_iterations_per_minute'}
+end
+redis.call('SET', KEYS[7], work, 'EX', ARGV[15])
+local expiry = now + tonumber(ARGV[7])
+redis.call('ZADD', KEYS[5], expiry, ARGV[2])
+redis.call('ZADD', KEYS[6], expiry, ARGV[2])
 local event = ARGV[6] .. queued_field(depth)
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[2])
+redis.call('ZADD', KEYS[4], now, ARGV[2])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'e', event)
 redis.call('HSET', KEYS[1], 'request', ARGV[3], 'state', 1, 'accepted_at', ARGV[4], 'owned', ARGV[5],
-  'attempt', 0, 'seq', 1, 'watchers', 0, 'ev:queued', event, 'last', id)
+  'attempt', 0, 'seq', 1, 'watchers', 0, 'ev:queued', event, 'last', id, 'tenant', ARGV[9],
+  'watch', ARGV[10])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[2])
@@ -112,8 +147,18 @@ return {depth, depth}
 """
 )
 
+# The tenant's sorted sets of a job, named from the job's hash (one Redis, not a Cluster: a script may
+# derive key names).
+_TENANT = """
+local function tenant_key(kind)
+  return 'stylize:tenant:' .. (redis.call('HGET', KEYS[1], 'tenant') or '') .. ':' .. kind
+end
+"""
+
 # KEYS: job, jobs, queued. ARGV: token, entry, max attempts, group, id, consumer.
-TAKE = """
+TAKE = (
+    _TENANT
+    + """
 local function drop()
   redis.call('XACK', KEYS[2], ARGV[4], ARGV[2])
   redis.call('XDEL', KEYS[2], ARGV[2])
@@ -122,12 +167,14 @@ end
 local state = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
 if state ~= 1 and state ~= 2 then drop(); return {'gone'} end
 redis.call('ZREM', KEYS[3], ARGV[5])
+redis.call('ZREM', tenant_key('queued'), ARGV[5])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'lease', ARGV[1], 'entry', ARGV[2], 'consumer', ARGV[6])
-local f = redis.call('HMGET', KEYS[1], 'request', 'seq', 'accepted_at', 'cancel', 'retry_reason')
+local f = redis.call('HMGET', KEYS[1], 'request', 'seq', 'accepted_at', 'cancel', 'retry_reason', 'tenant')
 if attempt > tonumber(ARGV[3]) then return {'exhausted', attempt - 1, f[2], f[3]} end
-return {'run', attempt, f[2], f[3], f[1], f[4] or '', f[5] or ''}
+return {'run', attempt, f[2], f[3], f[1], f[4] or '', f[5] or '', f[6] or ''}
 """
+)
 
 # KEYS: job, events. ARGV: token, seq, event, maxlen, slot, second slot, 1 to forget the last attempt.
 PUBLISH = """
@@ -142,8 +189,12 @@ return 1
 """
 
 # The end of a job; shared by FINISH (a worker) and CANCEL (a queued job nobody holds).
-_END = """
-local function finish(state, ending, ttl)
+_END = (
+    _TENANT
+    + """
+local function finish(state, ending, ttl, job_id)
+  redis.call('ZREM', tenant_key('jobs'), job_id)
+  redis.call('ZREM', tenant_key('queued'), job_id)
   local id = redis.call('XADD', KEYS[2], '*', 'end', ending)
   redis.call('HSET', KEYS[1], 'state', state, 'end', ending, 'last', id)
   redis.call('HDEL', KEYS[1], 'request', 'lease')
@@ -151,8 +202,9 @@ local function finish(state, ending, ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
 end
 """
+)
 
-# KEYS: job, events, jobs. ARGV: token, state, end, completed event or '', seq, ttl, group, maxlen.
+# KEYS: job, events, jobs. ARGV: token, state, end, completed event or '', seq, ttl, group, maxlen, id.
 FINISH = (
     _END
     + """
@@ -162,7 +214,7 @@ if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'e', ARGV[4])
   redis.call('HSET', KEYS[1], 'ev:completed', ARGV[4], 'seq', ARGV[5])
 end
-finish(ARGV[2], ARGV[3], ARGV[6])
+finish(ARGV[2], ARGV[3], ARGV[6], ARGV[9])
 redis.call('XACK', KEYS[3], ARGV[7], entry)
 redis.call('XDEL', KEYS[3], entry)
 return 1
@@ -180,7 +232,7 @@ if state ~= 1 and state ~= 2 then return 0 end
 redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
 if state == 1 and not redis.call('HGET', KEYS[1], 'lease') then
   redis.call('ZREM', KEYS[3], ARGV[4])
-  finish(5, ARGV[2], ARGV[3])
+  finish(5, ARGV[2], ARGV[3], ARGV[4])
   return 1
 end
 return 2
@@ -196,8 +248,11 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return {1, redis.call('HGET', KEYS[1], 'cancel') or ''}
 """
 
-# KEYS: job, jobs, queued. ARGV: token, group, id, reason. Hands a job back to the queue (shutdown).
-RELEASE = """
+# KEYS: job, jobs, queued. ARGV: token, group, id, reason, expiry. Hands a job back to the queue
+# (shutdown).
+RELEASE = (
+    _TENANT
+    + """
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
 local entry = redis.call('HGET', KEYS[1], 'entry')
 redis.call('XACK', KEYS[2], ARGV[2], entry)
@@ -205,9 +260,11 @@ redis.call('XDEL', KEYS[2], entry)
 redis.call('HDEL', KEYS[1], 'lease', 'entry', 'consumer')
 redis.call('HSET', KEYS[1], 'state', 1, 'retry_reason', ARGV[4])
 redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'accepted_at'), ARGV[3])
+redis.call('ZADD', tenant_key('queued'), ARGV[5], ARGV[3])
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
 return 1
 """
+)
 
 # KEYS: job. ARGV: +1 or -1. A watcher count only for a job that exists.
 WATCH = """
@@ -291,6 +348,7 @@ class RedisLease:
         token: str,
         request: JobRequest,
         *,
+        tenant: str,
         attempt: int,
         sequence: int,
         accepted_at: float,
@@ -299,6 +357,7 @@ class RedisLease:
         self.job_id = job_id
         self.token = token
         self.request = request
+        self.tenant = tenant
         self.attempt = attempt
         self._sequence = sequence
         self._accepted_at = accepted_at
@@ -413,6 +472,8 @@ class RedisBroker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Watchers of this replica being counted out, by job id.
+        self._unwatching: dict[str, asyncio.Future[None]] = {}
 
     @property
     def available(self) -> bool:
@@ -526,37 +587,70 @@ class RedisBroker:
         return None
 
     async def submit(
-        self, message: pb.StylizeRequest, request: JobRequest, *, owned_by_call: bool
+        self,
+        message: pb.StylizeRequest,
+        request: JobRequest,
+        *,
+        owned_by_call: bool,
+        owner: JobOwner,
+        limits: TenantLimits,
+        work: int,
     ) -> tuple[str, int]:
         if self._draining:
             raise Rejected(SHUTDOWN)
         job_id = uuid.uuid4().hex
         event = pb.JobEvent(job_id=job_id, sequence=1, client_tag=request.client_tag).SerializeToString()
+        now = time.time()
+        window, retry_after = work_window(now)
+        tenant = f"stylize:tenant:{owner.tenant}"
         try:
-            position, depth = await self._submit(
-                keys=[job_key(job_id), events_key(job_id), JOBS, QUEUED],
+            outcome = await self._submit(
+                keys=[
+                    job_key(job_id),
+                    events_key(job_id),
+                    JOBS,
+                    QUEUED,
+                    f"{tenant}:jobs",
+                    f"{tenant}:queued",
+                    f"{tenant}:work:{window}",
+                ],
                 args=[
                     self._max_queue,
                     job_id,
                     message.SerializeToString(),
-                    repr(time.time()),
+                    repr(now),
                     int(owned_by_call),
                     event,
                     QUEUED_JOB_TTL,
                     EVENTS_MAXLEN,
+                    owner.tenant,
+                    owner.watch_token_sha256,
+                    limits.max_jobs_in_flight,
+                    limits.max_queued,
+                    work,
+                    limits.max_pixel_iterations_per_minute,
+                    2 * WORK_WINDOW_SECONDS,
                 ],
             )
         except RedisError as error:
             raise self._unavailable(error) from None
-        if position < 0:
-            raise Rejected(queue_full(depth, self._max_queue))
-        return job_id, position
+        if outcome[0] == -1:
+            raise Rejected(queue_full(outcome[1], self._max_queue))
+        if outcome[0] == -2:
+            limit = outcome[2].decode()
+            maximum = getattr(limits, limit)
+            wait = retry_after if limit == "max_pixel_iterations_per_minute" else 1.0
+            raise Rejected(over_tenant_limit(owner.tenant, limit, outcome[1], maximum, wait))
+        return job_id, outcome[0]
 
-    async def exists(self, job_id: str) -> bool:
+    async def owner(self, job_id: str) -> JobOwner | None:
         try:
-            return bool(await self._redis.exists(job_key(job_id)))
+            state, tenant, watch = await self._redis.hmget(job_key(job_id), ["state", "tenant", "watch"])
         except RedisError as error:
             raise self._unavailable(error) from None
+        if state is None:
+            return None
+        return JobOwner((tenant or b"").decode(), (watch or b"").decode())
 
     async def follow(self, job_id: str) -> AsyncIterator[pb.JobEvent | JobEnd]:
         key = job_key(job_id)
@@ -583,7 +677,11 @@ class RedisBroker:
             async for item in self._tail(job_id, last or b"0-0"):
                 yield item
         finally:
-            self._spawn(self._unwatch(key))
+            # A task: this generator may be closing because its call was cancelled. watchers() waits for
+            # it, so a caller that asks right after its own watcher left is not counted.
+            unwatch = asyncio.ensure_future(self._unwatch(key))
+            self._unwatching[job_id] = unwatch
+            unwatch.add_done_callback(lambda _: self._unwatching.pop(job_id, None))
 
     async def _unwatch(self, key: str) -> None:
         try:
@@ -611,6 +709,9 @@ class RedisBroker:
                     yield pb.JobEvent.FromString(fields[b"e"])
 
     async def watchers(self, job_id: str) -> int:
+        leaving = self._unwatching.get(job_id)
+        if leaving is not None:
+            await asyncio.shield(leaving)
         try:
             return int(await self._redis.hget(job_key(job_id), "watchers") or 0)
         except RedisError as error:
@@ -635,14 +736,14 @@ class RedisBroker:
 
     async def wait_finished(self, job_id: str) -> int:
         try:
-            state, end = await self._redis.hmget(job_key(job_id), ["state", "end"])
+            state, end, last = await self._redis.hmget(job_key(job_id), ["state", "end", "last"])
         except RedisError as error:
             raise self._unavailable(error) from None
         if end is not None:
             return end_from_json(end).state
         if state is None:
             return pb.JOB_STATE_FAILED
-        async for item in self._tail(job_id, b"0-0"):
+        async for item in self._tail(job_id, last or b"0-0"):
             if isinstance(item, JobEnd):
                 return item.state
         raise AssertionError("unreachable: _tail ends with a JobEnd")
@@ -687,7 +788,14 @@ class RedisBroker:
             self._end_unrun(job_id, token, JobStatus.invalid(error))
             return None
         lease = RedisLease(
-            self, job_id, token, request, attempt=attempt, sequence=sequence, accepted_at=accepted_at
+            self,
+            job_id,
+            token,
+            request,
+            tenant=fields[7].decode(),
+            attempt=attempt,
+            sequence=sequence,
+            accepted_at=accepted_at,
         )
         asyncio.run_coroutine_threadsafe(self._hold(lease, fields[5], fields[6]), self._loop).result()
         return lease
@@ -771,7 +879,13 @@ class RedisBroker:
         if lease.hand_back:
             await self._release(
                 keys=[job_key(lease.job_id), JOBS, QUEUED],
-                args=[lease.token, GROUP, lease.job_id, "the server running it shut down"],
+                args=[
+                    lease.token,
+                    GROUP,
+                    lease.job_id,
+                    "the server running it shut down",
+                    repr(time.time() + QUEUED_JOB_TTL),
+                ],
             )
             log.info("job %s handed back to the queue", lease.job_id)
             return True
@@ -798,6 +912,7 @@ class RedisBroker:
                 self._finished_ttl,
                 GROUP,
                 EVENTS_MAXLEN,
+                job_id,
             ],
         )
 

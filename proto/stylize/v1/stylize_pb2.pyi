@@ -234,10 +234,12 @@ class PreviewOptions(_message.Message):
     def __init__(self, every: _Optional[int] = ..., max_size: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "watch_token")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WATCH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    watch_token: str
+    def __init__(self, job_id: _Optional[str] = ..., watch_token: _Optional[str] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -250,12 +252,14 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SubmitJobResponse(_message.Message):
-    __slots__ = ("job_id", "queue_position")
+    __slots__ = ("job_id", "queue_position", "watch_token")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    WATCH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     queue_position: int
-    def __init__(self, job_id: _Optional[str] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    watch_token: str
+    def __init__(self, job_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., watch_token: _Optional[str] = ...) -> None: ...
 
 class CancelJobResponse(_message.Message):
     __slots__ = ("state",)
