@@ -7,6 +7,7 @@ failed call raises, .channel for several servers and load balancing.
 """
 
 from stylize.api.options import FieldViolation
+from stylize.client.channel import tls_credentials
 from stylize.client.client import AsyncEventStream, AsyncStylizeClient, EventStream, StylizeClient, Submission
 from stylize.client.errors import (
     Cancelled,
@@ -16,6 +17,7 @@ from stylize.client.errors import (
     NotFound,
     ResourceExhausted,
     StylizeError,
+    Unauthenticated,
     Unavailable,
 )
 from stylize.client.events import (
@@ -54,5 +56,7 @@ __all__ = [
     "StylizeClient",
     "StylizeError",
     "Submission",
+    "Unauthenticated",
     "Unavailable",
+    "tls_credentials",
 ]

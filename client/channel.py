@@ -26,12 +26,17 @@ import ipaddress
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
 
 from stylize.api.options import FieldViolation
 from stylize.client.errors import InvalidArgument
 
 SERVICE_NAME = "stylize.v1.StyleTransfer"
 SERVER_ENV = "STYLIZE_SERVER"
+# The bearer token a client sends when none is passed in code or on the command line.
+TOKEN_ENV = "STYLIZE_TOKEN"
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 KEEPALIVE_TIME_MS = 30_000
@@ -97,8 +102,39 @@ def resolve_target(targets: str | Sequence[str] | None = None) -> str:
     raise InvalidArgument.of([FieldViolation("server", "a list of servers must be all IPv4 or all IPv6")])
 
 
-def channel_options() -> list[tuple[str, object]]:
+def default_token() -> str | None:
+    """$STYLIZE_TOKEN, else None (no authorization header)."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def tls_credentials(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS to the server: `ca` verifies it (None: the system's roots); `cert` and `key` are this client's
+    certificate for mutual TLS. An unreadable file is InvalidArgument naming its flag."""
+
+    def read(path: Path | None, field: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise InvalidArgument.of(
+                [FieldViolation(field, f"cannot read {path}: {error.strerror}")]
+            ) from None
+
+    if (cert is None) != (key is None):
+        raise InvalidArgument.of([FieldViolation("tls_cert", "a client certificate and its key go together")])
+    return grpc.ssl_channel_credentials(read(ca, "tls_ca"), read(key, "tls_key"), read(cert, "tls_cert"))
+
+
+def channel_options(server_name: str | None = None) -> list[tuple[str, object]]:
+    """`server_name`: the name the server's certificate must carry, where it differs from the target's."""
+    override: list[tuple[str, object]] = (
+        [] if server_name is None else [("grpc.ssl_target_name_override", server_name)]
+    )
     return [
+        *override,
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
         # Our service config, not one a DNS TXT record might carry.
         ("grpc.service_config_disable_resolution", 1),

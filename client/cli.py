@@ -31,7 +31,7 @@ from typing import Any, NoReturn, TextIO
 from tqdm import tqdm
 
 from stylize.api.presets import INTERACTIVE_PRESET, PRESETS
-from stylize.client.channel import DEFAULT_TARGET, SERVER_ENV
+from stylize.client.channel import DEFAULT_TARGET, SERVER_ENV, TOKEN_ENV, tls_credentials
 from stylize.client.client import EventStream, StylizeClient
 from stylize.client.errors import (
     Cancelled,
@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"host:port, dns:///name:port, or several IP:PORT (repeat or comma-separate) for round-robin; "
         f"default ${SERVER_ENV} or {DEFAULT_TARGET}",
     )  # fmt: skip
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--token", help=f"bearer token sent with every call (default ${TOKEN_ENV}); prefer the variable"
+    )
+    security.add_argument("--watch-token", default="", help="with --watch: the job's watch token")
+    security.add_argument("--tls", action="store_true", help="TLS with the system's roots")
+    security.add_argument("--tls-ca", type=Path, metavar="PEM", help="TLS, trusting this CA bundle")
+    security.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mutual TLS)")
+    security.add_argument("--tls-key", type=Path, metavar="PEM", help="key of --tls-cert")
+    security.add_argument(
+        "--tls-server-name", metavar="NAME", help="the name the server's certificate carries, if not the host"
+    )
     parser.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline of the whole call")
     parser.add_argument("--tag", default="", help="client tag echoed in events and server logs")
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a progress bar")
@@ -273,7 +285,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("-o OUT is required to run a job (or use --submit)")
     outputs.check()
     show_bar = not (args.json or args.quiet)
-    with StylizeClient(args.server, timeout=args.timeout) as client:
+    tls = args.tls or args.tls_ca is not None or args.tls_cert is not None
+    credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key) if tls else None
+    with StylizeClient(
+        args.server,
+        timeout=args.timeout,
+        credentials=credentials,
+        token=args.token,
+        server_name=args.tls_server_name,
+    ) as client:
         if args.info:
             _print_json(client.server_info(timeout=args.timeout).as_dict(), pretty=not args.json)
             return EXIT_OK
@@ -291,9 +311,11 @@ def run(args: argparse.Namespace) -> int:
                 _print_json({"event": "submitted", **asdict(submission)})
             else:
                 print(submission.job_id)
+                if submission.watch_token:
+                    print(f"watch token: {submission.watch_token}", file=sys.stderr)
             return EXIT_OK
         if args.watch:
-            stream = client.watch(args.watch)
+            stream = client.watch(args.watch, watch_token=args.watch_token)
         else:
             stream = client.stylize(args.content, _styles(args), **_settings(args))
         bar = ProgressBar(sys.stderr) if show_bar else None

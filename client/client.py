@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import grpc
 
 from stylize.api.options import FieldViolation
-from stylize.client.channel import channel_options, resolve_target
+from stylize.client.channel import channel_options, default_token, resolve_target
 from stylize.client.errors import Cancelled, InvalidArgument, JobFailed, error_from_rpc
 from stylize.client.events import Completed, Event, JobState, event_from_proto
 from stylize.client.info import ServerInfo
@@ -46,6 +46,8 @@ class Submission:
 
     job_id: str
     queue_position: int
+    # Lets another caller (of any tenant) watch, not cancel, the job: watch(job_id, watch_token=...).
+    watch_token: str = ""
 
 
 def _job_request(job_id: str) -> str:
@@ -67,15 +69,27 @@ class _ClientBase:
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         wait_for_ready: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
     ):
+        """`credentials`: TLS (see tls_credentials); None: plaintext. `token`: the bearer token sent with
+        every call (default $STYLIZE_TOKEN). `server_name`: the name to expect in the server's
+        certificate where it differs from the target's host."""
         self.target = resolve_target(target)
         self.timeout = timeout
         self.call_timeout = call_timeout
         self.wait_for_ready = wait_for_ready
         self._credentials = credentials
+        self._options = channel_options(server_name)
+        token = default_token() if token is None else token
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def _call_args(self, timeout: float | None, default: float | None) -> dict[str, Any]:
-        return {"timeout": default if timeout is None else timeout, "wait_for_ready": self.wait_for_ready}
+        return {
+            "timeout": default if timeout is None else timeout,
+            "wait_for_ready": self.wait_for_ready,
+            "metadata": self._metadata,
+        }
 
     def _job_args(self, timeout: float | None) -> dict[str, Any]:
         return self._call_args(timeout, self.timeout)
@@ -141,9 +155,9 @@ class StylizeClient(_ClientBase):
     def __init__(self, target: str | Sequence[str] | None = None, **settings: Any):
         super().__init__(target, **settings)
         if self._credentials is None:
-            self._channel = grpc.insecure_channel(self.target, options=channel_options())
+            self._channel = grpc.insecure_channel(self.target, options=self._options)
         else:
-            self._channel = grpc.secure_channel(self.target, self._credentials, options=channel_options())
+            self._channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
         self._stub = stylize_pb2_grpc.StyleTransferStub(self._channel)
 
     def stylize(
@@ -177,11 +191,12 @@ class StylizeClient(_ClientBase):
         """Queue a job (same arguments as stylize) and return its id at once."""
         request = build_request(content, styles, **settings)
         response = self._unary(self._stub.SubmitJob, request, timeout)
-        return Submission(response.job_id, response.queue_position)
+        return Submission(response.job_id, response.queue_position, response.watch_token)
 
-    def watch(self, job_id: str, *, timeout: float | None = None) -> EventStream:
-        """Follow a job from its current state (a late watcher first gets the latest progress)."""
-        request = stylize_pb2.WatchJobRequest(job_id=_job_request(job_id))
+    def watch(self, job_id: str, *, watch_token: str = "", timeout: float | None = None) -> EventStream:
+        """Follow a job from its current state (a late watcher first gets the latest progress). Another
+        tenant's job needs its watch token (Submission.watch_token)."""
+        request = stylize_pb2.WatchJobRequest(job_id=_job_request(job_id), watch_token=watch_token)
         return EventStream(self._stub.WatchJob(request, **self._job_args(timeout)))
 
     def cancel(self, job_id: str, *, timeout: float | None = None) -> JobState | None:
@@ -273,9 +288,9 @@ class AsyncStylizeClient(_ClientBase):
     def __init__(self, target: str | Sequence[str] | None = None, **settings: Any):
         super().__init__(target, **settings)
         if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=channel_options())
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
         else:
-            self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=channel_options())
+            self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
         self._stub = stylize_pb2_grpc.StyleTransferStub(self._channel)
 
     def stylize(
@@ -300,10 +315,10 @@ class AsyncStylizeClient(_ClientBase):
     ) -> Submission:
         request = build_request(content, styles, **settings)
         response = await self._unary(self._stub.SubmitJob, request, timeout)
-        return Submission(response.job_id, response.queue_position)
+        return Submission(response.job_id, response.queue_position, response.watch_token)
 
-    def watch(self, job_id: str, *, timeout: float | None = None) -> AsyncEventStream:
-        request = stylize_pb2.WatchJobRequest(job_id=_job_request(job_id))
+    def watch(self, job_id: str, *, watch_token: str = "", timeout: float | None = None) -> AsyncEventStream:
+        request = stylize_pb2.WatchJobRequest(job_id=_job_request(job_id), watch_token=watch_token)
         return AsyncEventStream(self._stub.WatchJob(request, **self._job_args(timeout)))
 
     async def cancel(self, job_id: str, *, timeout: float | None = None) -> JobState | None:

@@ -19,6 +19,8 @@ sending anything, so a caller handles both the same way.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -61,7 +63,18 @@ class NotFound(StylizeError):
 
 
 class ResourceExhausted(StylizeError):
-    """The server cannot take the job now (queue full, out of memory): retry later or elsewhere."""
+    """The server cannot take the job now (queue full, out of memory, a tenant limit): retry later or
+    elsewhere. `retry_after`: the server's hint in seconds, where it gave one."""
+
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, retry_after: float | None = None
+    ):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class Unauthenticated(StylizeError):
+    """The server wants a bearer token (token=..., $STYLIZE_TOKEN) and did not get a valid one."""
 
 
 class Unavailable(StylizeError):
@@ -88,24 +101,38 @@ _CLASS_BY_CODE: dict[grpc.StatusCode, type[StylizeError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 
-def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
-    """The BadRequest field violations in the error's rich status, if it has any."""
+def _details(error: grpc.RpcError) -> list[Any]:
+    """The rich status's details (google.protobuf.Any), if the error has any."""
     try:
         status = rpc_status.from_call(error)
     except ValueError:  # rich status inconsistent with the plain one: ignore the details
         return []
-    if status is None:
-        return []
+    return list(status.details) if status is not None else []
+
+
+def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
+    """The BadRequest field violations in the error's rich status, if it has any."""
     violations = []
-    for detail in status.details:
+    for detail in _details(error):
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad_request = error_details_pb2.BadRequest()
             detail.Unpack(bad_request)
             violations += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
     return violations
+
+
+def retry_after(error: grpc.RpcError) -> float | None:
+    """The google.rpc.RetryInfo delay in the error's rich status, in seconds, if it has one."""
+    for detail in _details(error):
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToTimedelta().total_seconds())
+    return None
 
 
 def _one_line(text: str) -> str:
@@ -119,4 +146,6 @@ def error_from_rpc(error: grpc.RpcError) -> StylizeError:
     cls = _CLASS_BY_CODE.get(code, JobFailed)
     if cls is InvalidArgument:
         return InvalidArgument(details, field_violations(error), code=code)
+    if cls is ResourceExhausted:
+        return ResourceExhausted(details, code=code, retry_after=retry_after(error))
     return cls(details, code=code)

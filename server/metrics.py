@@ -226,9 +226,10 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
-# The /metrics endpoint on the event loop: no thread per connection, at most this many open at once (more
-# are closed at once), each with this long to send its request head of at most this many bytes.
-MAX_METRICS_CONNECTIONS = 32
+# The /metrics endpoint on the event loop: no thread per connection (an idle one costs a socket and a
+# coroutine), at most this many open at once (more are closed at once), each with this long to send its
+# request head of at most this many bytes.
+MAX_METRICS_CONNECTIONS = 128
 METRICS_REQUEST_SECONDS = 5.0
 MAX_METRICS_REQUEST_BYTES = 8192
 

@@ -35,6 +35,8 @@ from stylize.v1 import stylize_pb2 as pb
 # The installed console script, beside the interpreter running the tests (the project's venv).
 SERVER_COMMAND = (str(Path(sys.executable).parent / "stylize-server"),)
 LISTENING = re.compile(r"listening on (?P<host>\S+):(?P<port>\d+) metrics on :(?P<metrics_port>\d+)")
+# Logged before LISTENING by a server started with --health-port.
+HEALTH_PORT = re.compile(r"health \(plaintext, health service only\) on \S+:(?P<port>\d+)")
 SERVICE_NAME = "stylize.v1.StyleTransfer"
 EXPORT_COMMAND = str(Path(sys.executable).parent / "stylize-export")
 START_TIMEOUT = 120.0
@@ -84,6 +86,9 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.metrics_port = 0
+        # With --health-port: the plaintext health port, which health() then uses (the main port may need
+        # TLS or tokens).
+        self.health_port: int | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="stylize-server-", suffix=".log")[1])
         self.returncode: int | None = None
 
@@ -130,6 +135,8 @@ class ServerProcess:
             match = LISTENING.search(self.log())
             if match:
                 self.port, self.metrics_port = int(match["port"]), int(match["metrics_port"])
+                health = HEALTH_PORT.search(self.log())
+                self.health_port = int(health["port"]) if health else None
                 return
             if self.process.poll() is not None:
                 raise self._fail(f"server exited with code {self.process.returncode} before listening")
@@ -138,7 +145,8 @@ class ServerProcess:
 
     def health(self, service: str = "") -> str:
         """The health status name of `service` ("" is the overall server)."""
-        with grpc.insecure_channel(self.address) as channel:
+        address = self.address if self.health_port is None else f"127.0.0.1:{self.health_port}"
+        with grpc.insecure_channel(address) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=5
             )

@@ -25,3 +25,20 @@ def test_readme_set_up_commands_are_the_ones_ci_runs() -> None:
         line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")
     ]
     assert ci[-1] == "make test"
+
+
+def test_the_readme_documents_every_security_and_fleet_flag_of_the_server() -> None:
+    from stylize.server.config import build_parser
+
+    readme = (REPO / "README.md").read_text()
+    flags = [action.option_strings[0] for action in build_parser()._actions if action.option_strings]
+    wanted = [
+        flag
+        for flag in flags
+        if flag.startswith(
+            ("--tls", "--token", "--tenant", "--auth", "--health", "--reflection", "--metrics-host")
+        )
+        or flag in ("--broker", "--lease-seconds", "--max-attempts", "--max-connection-age-seconds")
+    ]
+    assert len(wanted) == 13
+    assert [flag for flag in wanted if f"`{flag}" not in readme] == []
