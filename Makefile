@@ -52,7 +52,8 @@ proto: venv
 	$(PY) scripts/gen_proto.py
 
 # Every benchmark script; one JSON file each in $(BENCH_OUT)/ (tables on stderr). Under 10 minutes on
-# 2 CPU cores: the engine's quick mode, three repeats per extractor size. The service/in-process ratio
+# 2 CPU cores: the engine's quick mode, three repeats per extractor size, one fleet run per broker (the
+# figures in the README are medians of three). The service/in-process ratio
 # runs both sides on one thread: with two OpenMP threads per process on a shared 2-core machine the
 # in-process runs varied from 1 s to 31 s for the same job. See docs/performance.md.
 BENCH_OUT ?= bench/results
@@ -64,6 +65,7 @@ bench: venv
 	$(PY) -m bench.service --model-dir $(BENCH_OUT)/model --threads 1 > $(BENCH_OUT)/service.json
 	$(PY) -m bench.load --model-dir $(BENCH_OUT)/model > $(BENCH_OUT)/load.json
 	$(PY) -m bench.scaling --model-dir $(BENCH_OUT)/model > $(BENCH_OUT)/scaling.json
+	$(PY) -m bench.fleet --model-dir $(BENCH_OUT)/model --repeats 1 > $(BENCH_OUT)/fleet.json
 
 clean:
 	rm -rf $(VENV) artifacts $(OUT) .pytest_cache .ruff_cache .mypy_cache
