@@ -38,12 +38,12 @@ from stylize.v1 import stylize_pb2_grpc
 
 # Short enough for the kill test to wait for it, long enough that the pause test (PAUSE_SECONDS) does not
 # make a renewing worker's lease look lost.
-LEASE_SECONDS = 6
-PAUSE_SECONDS = 3.0
+LEASE_SECONDS = 4
+PAUSE_SECONDS = 2.0
 # A call while Redis hangs waits at most the broker's socket timeout (2 s) before UNAVAILABLE.
 FAIL_FAST_SECONDS = 3.5
 # A job of a few seconds on a CPU: long enough to kill its process mid-way.
-FINITE = {"size": 64, "min_size": 64, "initial_iterations": 250, "optimizer": pb.OPTIMIZER_ADAM}
+FINITE = {"size": 64, "min_size": 64, "initial_iterations": 150, "optimizer": pb.OPTIMIZER_ADAM}
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +41,7 @@ from stylize.client import StylizeClient, Unauthenticated, tls_credentials
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
 
+CLI = str(Path(sys.executable).with_name("stylize"))
 TOKENS = {"acme": "acme-secret-token", "beta": "beta-secret-token", "limited": "limited-secret-token"}
 # The token file's reload check runs at most once a second.
 RELOAD_SECONDS = 1.5
@@ -163,6 +167,29 @@ def test_a_rotated_certificate_is_served_without_a_restart(tls_server: ServerPro
         served.cert.write_bytes(original[0])
         wait_until(lambda: served_certificate(tls_server.port) == before, 15, poll=0.2)
     assert tls_server.process.pid == pid and tls_server.process.poll() is None
+
+
+def test_the_cli_reaches_a_tls_server_with_a_token_and_says_so_in_one_line_without(
+    tls_server: ServerProcess, pki: dict
+) -> None:
+    command = [CLI, "--server", tls_server.address, "--tls-ca", str(pki["ca"].cert_path), "--info", "--json"]
+    environ = {**os.environ, "STYLIZE_TOKEN": TOKENS["acme"]}
+    answer = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environ)
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["version"]
+    refused = subprocess.run([*command, "--token", "wrong"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "bearer token" in refused.stderr
+
+
+def test_the_log_holds_no_token_and_no_image_bytes(tls_server: ServerProcess, pki: dict) -> None:
+    stub = tls_stub(tls_server, pki["ca"].cert_path)
+    list(stub.Stylize(stylize_request(), metadata=bearer("acme"), timeout=120))
+    wait_until(lambda: '"tenant": "acme"' in tls_server.log(), 10)
+    log = tls_server.log()
+    assert '"tenant": "acme"' in log  # the audit lines are there
+    assert not [name for name, token in TOKENS.items() if token in log]
+    assert "iVBORw0KGgo" not in log and "\\x89PNG" not in log  # a PNG, base64 or as bytes
 
 
 # ---------------------------------------------------------------- mutual TLS

@@ -18,7 +18,7 @@ from serverproc import png_bytes, stylize_request
 
 from stylize.api.options import DEFAULT_LIMITS, DEFAULTS, Optimizer, OptionsError, Pooling
 from stylize.server import convert, jobs
-from stylize.server.auth import TenantLimits
+from stylize.server.auth import Tenant, TenantLimits
 from stylize.server.broker import Broker, JobEnd, JobOwner, Rejected
 from stylize.server.broker.memory import SUBSCRIBER_BACKLOG, Job, MemoryBroker
 from stylize.server.broker.redis import RedisBroker
@@ -26,9 +26,10 @@ from stylize.server.codec import decode_image
 from stylize.server.config import ENV_PREFIX, build_parser, parse_config
 from stylize.server.engine.imageio import tensor_to_pil
 from stylize.server.engine.records import Cancelled, Losses, NonFiniteLoss, Progress, Result, Started
-from stylize.server.errors import JobStatus
+from stylize.server.errors import InternalErrorInterceptor, JobStatus
 from stylize.server.main import server_options
 from stylize.server.metrics import GrpcMetricsInterceptor, ServiceMetrics, go_code_name, new_registry
+from stylize.server.service import DecodeSlots
 from stylize.v1 import stylize_pb2 as pb
 
 LOSSES = Losses(total=3.0, content=1.0, style=1.0, total_variation=1.0)
@@ -539,3 +540,44 @@ def test_images_that_break_pil_while_opening_name_the_field(data: bytes) -> None
         decode_image(data, "styles[2].image", max_bytes=1 << 20, max_pixels=1 << 20)
     [violation] = caught.value.violations
     assert violation.field == "styles[2].image" and "could not be decoded" in violation.description
+
+
+# ---------------------------------------------------------------- errors and limits
+
+
+def test_an_unexpected_handler_exception_is_internal_with_a_request_id_and_no_text(caplog) -> None:
+    async def scenario() -> grpc.aio.AioRpcError:
+        async def broken(request: bytes, context) -> bytes:
+            raise ValueError("secret path /etc/stylize/internal")
+
+        handler = grpc.method_handlers_generic_handler(
+            "test.Broken", {"Call": grpc.unary_unary_rpc_method_handler(broken)}
+        )
+        server = grpc.aio.server(interceptors=[InternalErrorInterceptor()])
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await channel.unary_unary("/test.Broken/Call")(b"", timeout=10)
+        finally:
+            await server.stop(0)
+        return caught.value
+
+    error = asyncio.run(scenario())
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in error.details() and "ValueError" not in error.details()
+    request_id = error.details().split("request id ")[1].split(";")[0]
+    assert len(request_id) == 16 and request_id in caplog.text and "secret path" in caplog.text
+
+
+def test_a_tenant_gets_only_its_concurrent_decodes() -> None:
+    slots = DecodeSlots()
+    limited, other = Tenant("acme", TenantLimits(max_concurrent_decodes=1)), Tenant("other")
+    with slots.slot(limited) as first, slots.slot(other) as unlimited, slots.slot(limited) as second:
+        assert first is None and unlimited is None
+        assert second is not None and second.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_concurrent_decodes 1" in second.message and second.retry_after_seconds == 1.0
+    with slots.slot(limited) as again:
+        assert again is None  # the slot was given back
