@@ -4,28 +4,44 @@ Built-in kinds are checked by kubernetes-validate (the Kubernetes OpenAPI schema
 fail). The ServiceMonitor and the PrometheusRule are prometheus-operator CRDs that kubernetes-validate has no
 schema for; they are checked against the pydantic models generated from the operator's CRDs
 (cloudcoil-models-prometheus-operator), with unknown fields rejected by comparing the validated model's dump
-with the input.
+with the input. The secure overlay's cert-manager Certificate (and the Issuers its README shows) are checked
+against JSON schemas written here from cert-manager's v1 CRDs, for the fields these manifests use, with
+unknown fields rejected.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime
+import json
+import os
 import re
+import secrets
+import shutil
 import subprocess
+import time
 import urllib.parse
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import grpc
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from redisproc import RedisProcess
 from serverproc import ServerProcess, wait_until
 
-from stylize.server.config import build_parser
+from stylize.server.auth import parse_token_file, token_digest
+from stylize.server.config import ServerConfig, build_parser, parse_config
 from stylize.server.jobs import CANCEL_WAIT_SECONDS
 from stylize.server.main import STOP_GRACE_SECONDS
+from stylize.v1 import stylize_pb2 as pb
+from stylize.v1 import stylize_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -33,6 +49,7 @@ OVERLAYS = {
     "base": DEPLOY / "k8s" / "base",
     "gpu": DEPLOY / "k8s" / "overlays" / "gpu",
     "fleet": DEPLOY / "k8s" / "overlays" / "fleet",
+    "secure": DEPLOY / "k8s" / "overlays" / "secure",
 }
 BASE_KINDS = [
     "ConfigMap",
@@ -50,6 +67,8 @@ KINDS = {
     "base": BASE_KINDS,
     "gpu": BASE_KINDS,
     "fleet": [*BASE_KINDS, "NetworkPolicy", "Service", "StatefulSet"],
+    # The secure overlay adds its cert-manager Certificate and the token Secret.
+    "secure": [*BASE_KINDS, "Certificate", "Secret"],
 }
 RULES = DEPLOY / "prometheus" / "rules.yml"
 ADAPTER_VALUES = DEPLOY / "prometheus" / "adapter-values.yaml"
@@ -67,13 +86,17 @@ def kubectl() -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-@cache
-def render(overlay: str) -> tuple[dict[str, Any], ...]:
+def kustomize(directory: Path) -> tuple[dict[str, Any], ...]:
     result = subprocess.run(
-        [kubectl(), "kustomize", str(OVERLAYS[overlay])], capture_output=True, text=True, timeout=60
+        [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+@cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    return kustomize(OVERLAYS[overlay])
 
 
 def find(objects: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -131,6 +154,143 @@ def validate_operator_object(document: dict[str, Any]) -> None:
     assert unknown_fields(document, dumped) == [], f"fields the {document['kind']} CRD does not define"
 
 
+# cert-manager.io/v1, written from cert-manager's CRDs for the fields these manifests use (types, enums,
+# required fields; issuerRef limited to cert-manager's own Issuer and ClusterIssuer). Any other field fails:
+# the API server would silently prune a misspelt one.
+GO_DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(h|m|s|ms))+$"}
+KEY_USAGES = [
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth",
+    "client auth", "code signing", "email protection", "s/mime", "ipsec end system", "ipsec tunnel",
+    "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+]  # fmt: skip
+CERT_MANAGER_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "additionalProperties": False,
+}
+CERTIFICATE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"const": "Certificate"},
+        "metadata": CERT_MANAGER_METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["secretName", "issuerRef"],
+            "additionalProperties": False,
+            "properties": {
+                "secretName": {"type": "string", "minLength": 1},
+                "commonName": {"type": "string", "minLength": 1, "maxLength": 64},
+                "dnsNames": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                "isCA": {"type": "boolean"},
+                "duration": GO_DURATION,
+                "renewBefore": GO_DURATION,
+                "revisionHistoryLimit": {"type": "integer", "minimum": 1},
+                "usages": {"type": "array", "items": {"enum": KEY_USAGES}, "uniqueItems": True},
+                "privateKey": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                        "size": {"type": "integer"},
+                        "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                        "rotationPolicy": {"enum": ["Never", "Always"]},
+                    },
+                },
+                "issuerRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+                        "group": {"const": "cert-manager.io"},
+                    },
+                },
+            },
+        },
+    },
+}
+ISSUER_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+        "metadata": CERT_MANAGER_METADATA,
+        "spec": {
+            "type": "object",
+            "minProperties": 1,
+            "maxProperties": 1,
+            "additionalProperties": False,
+            "properties": {
+                "selfSigned": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"crlDistributionPoints": {"type": "array", "items": {"type": "string"}}},
+                },
+                "ca": {
+                    "type": "object",
+                    "required": ["secretName"],
+                    "additionalProperties": False,
+                    "properties": {"secretName": {"type": "string", "minLength": 1}},
+                },
+            },
+        },
+    },
+}
+CERT_MANAGER_SCHEMAS = {
+    "Certificate": CERTIFICATE_SCHEMA,
+    "Issuer": ISSUER_SCHEMA,
+    "ClusterIssuer": ISSUER_SCHEMA,
+}
+# What cert-manager uses where a Certificate sets no duration.
+DEFAULT_CERTIFICATE_DURATION = datetime.timedelta(days=90)
+
+
+def go_duration(text: str) -> datetime.timedelta:
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)", text)
+    assert "".join(number + unit for number, unit in parts) == text, f"not a Go duration: {text!r}"
+    return datetime.timedelta(seconds=sum(float(number) * units[unit] for number, unit in parts))
+
+
+def validate_cert_manager_object(document: dict[str, Any]) -> None:
+    """A cert-manager object against the schema above, and what cert-manager's webhook checks besides."""
+    jsonschema.Draft202012Validator(CERT_MANAGER_SCHEMAS[document["kind"]]).validate(document)
+    if document["kind"] != "Certificate":
+        return
+    spec = document["spec"]
+    duration = go_duration(spec["duration"]) if "duration" in spec else DEFAULT_CERTIFICATE_DURATION
+    assert duration >= datetime.timedelta(hours=1), "cert-manager refuses a duration under an hour"
+    if "renewBefore" in spec:
+        assert go_duration(spec["renewBefore"]) < duration, "renewBefore must be shorter than the duration"
+    key = spec.get("privateKey", {})
+    sizes = {"RSA": {2048, 3072, 4096, 8192}, "ECDSA": {256, 384, 521}}.get(key.get("algorithm", "RSA"))
+    if "size" in key:
+        assert sizes is not None and key["size"] in sizes, f"no {key.get('algorithm')} key of {key['size']}"
+    assert spec.get("dnsNames") or spec.get("commonName"), "a Certificate needs a name"
+
+
+def validate(document: dict[str, Any]) -> None:
+    if document["kind"] in OPERATOR_MODELS:
+        validate_operator_object(document)
+    elif document.get("apiVersion", "").startswith("cert-manager.io/"):
+        validate_cert_manager_object(document)
+    else:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_every_rendered_object_validates_strictly(overlay: str) -> None:
     objects = render(overlay)
@@ -138,10 +298,7 @@ def test_every_rendered_object_validates_strictly(overlay: str) -> None:
     assert kinds == sorted(KINDS[overlay])
     for document in objects:
         assert document["metadata"].get("namespace", "stylize") == "stylize", document["metadata"]
-        if document["kind"] in OPERATOR_MODELS:
-            validate_operator_object(document)
-        else:
-            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+        validate(document)
 
 
 def test_strict_validation_rejects_an_unknown_field() -> None:
@@ -159,6 +316,12 @@ def test_strict_validation_rejects_an_unknown_field() -> None:
     misspelt = {**group, "rules": [{**group["rules"][0], "fro": "15m"}]}
     with pytest.raises(AssertionError, match="does not define"):
         validate_operator_object({**rule, "spec": {"groups": [misspelt]}})
+    certificate = one(render("secure"), "Certificate")
+    for wrong in ({"renewbefore": "720h"}, {"renewBefore": "30d"}, {"issuerRef": {"nam": "stylize-ca"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            validate({**certificate, "spec": {**certificate["spec"], **wrong}})
+    with pytest.raises(AssertionError, match="shorter than the duration"):
+        validate({**certificate, "spec": {**certificate["spec"], "renewBefore": "2160h"}})
 
 
 def test_gpu_overlay_asks_for_one_gpu_per_replica() -> None:
@@ -170,11 +333,14 @@ def test_gpu_overlay_asks_for_one_gpu_per_replica() -> None:
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_probes_use_the_grpc_health_service(overlay: str) -> None:
+    """On the gRPC port, or on the plaintext health-only port where the server has one."""
     container = server_container(render(overlay))
     grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
-    assert env_of(container)["STYLIZE_PORT"] == str(grpc_port)
+    config = parse_config([], env_of(container))
+    assert config.port == grpc_port
+    probe_port = grpc_port if config.health_port is None else config.health_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == grpc_port, probe
+        assert container[probe]["grpc"]["port"] == probe_port, probe
     assert container["readinessProbe"]["grpc"]["service"] == HEALTH_SERVICE
     assert container["startupProbe"]["grpc"]["service"] == HEALTH_SERVICE
     startup = container["startupProbe"]
@@ -211,6 +377,8 @@ def test_env_names_and_values_are_accepted_by_the_server(overlay: str) -> None:
         action = flags[name]
         parsed = action.type(value) if action.type else value
         assert action.choices is None or parsed in action.choices, f"{name}={value}"
+    # And all of them together, through the server's own parser (which also checks what goes together).
+    parse_config([], environ)
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
@@ -437,3 +605,456 @@ def test_a_broker_outage_fails_readiness_but_not_liveness(model_dir: Path) -> No
             redis_server.stop()
             wait_until(lambda: server.health(readiness) == "NOT_SERVING", timeout=30)
             assert server.health(liveness) == "SERVING"
+
+
+# ---------------------------------------------------------------- the secure overlay
+
+# The names cert-manager writes into a Certificate's Secret, and the flag each one is for.
+CERTIFICATE_KEYS = {"tls_cert": "tls.crt", "tls_key": "tls.key", "tls_client_ca": "ca.crt"}
+FILE_FIELDS = (*CERTIFICATE_KEYS, "token_file")
+PLACEHOLDER_DIGEST = "0" * 64
+
+
+def secure_config(objects: tuple[dict[str, Any], ...]) -> ServerConfig:
+    return parse_config([], env_of(server_container(objects)))
+
+
+def secret_data(secret: dict[str, Any]) -> dict[str, bytes]:
+    data = {name: base64.b64decode(value) for name, value in secret.get("data", {}).items()}
+    return {**data, **{name: value.encode() for name, value in secret.get("stringData", {}).items()}}
+
+
+def mounted_secret_file(objects: tuple[dict[str, Any], ...], path: Path) -> tuple[dict[str, Any], str, str]:
+    """The mount a file the server reads lies in, the Secret that volume shows and the key the file is.
+
+    The kubelet updates a Secret's files in place only in a secret (or projected) volume mounted without
+    subPath, and the file must be that Secret's key itself, straight under the mount."""
+    pod = one(objects, "Deployment", "stylize")["spec"]["template"]["spec"]
+    container = server_container(objects)
+    mounts = [m for m in container["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+    assert len(mounts) == 1, f"{path}: in {len(mounts)} mounts"
+    (mount,) = mounts
+    assert mount.get("readOnly") is True, mount
+    assert "subPath" not in mount and "subPathExpr" not in mount, (
+        f"a subPath mount never sees updates: {mount}"
+    )
+    assert path.parent == Path(mount["mountPath"]), f"{path} is not straight under {mount['mountPath']}"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    if "projected" in volume:
+        owners = [
+            source["secret"]
+            for source in volume["projected"]["sources"]
+            if "secret" in source
+            and any(item["path"] == path.name for item in source["secret"].get("items", []))
+        ]
+        assert len(owners) == 1, f"{path.name}: projected from {len(owners)} secrets"
+        (secret,) = owners
+        (key,) = [item["key"] for item in secret["items"] if item["path"] == path.name]
+        return mount, secret["name"], key
+    assert "secret" in volume, f"{path}: volume {volume['name']} is not a Secret"
+    secret = volume["secret"]
+    assert secret.get("optional") is not True, "the server cannot start without its files"
+    items = secret.get("items")
+    if items is None:
+        return mount, secret["secretName"], path.name
+    (key,) = [item["key"] for item in items if item["path"] == path.name]
+    return mount, secret["secretName"], key
+
+
+def check_secure_files(objects: tuple[dict[str, Any], ...]) -> ServerConfig:
+    """Every file the server is told to read comes from the Secret that must hold it: the certificate's
+    from the Certificate's secretName (under the names cert-manager writes), the token file from the
+    Secret the overlay renders, which has that key and a token file the server parses."""
+    config = secure_config(objects)
+    certificate = one(objects, "Certificate", "stylize-tls")
+    for field in FILE_FIELDS:
+        path = getattr(config, field)
+        if path is None:
+            continue
+        _, secret_name, key = mounted_secret_file(objects, path)
+        if field in CERTIFICATE_KEYS:
+            assert secret_name == certificate["spec"]["secretName"], field
+            assert key == CERTIFICATE_KEYS[field], field
+        else:
+            (secret,) = find(objects, "Secret", secret_name)
+            parse_token_file(secret_data(secret)[key].decode(), key)
+    return config
+
+
+def test_secure_overlay_sets_tls_tokens_health_port_and_no_reflection() -> None:
+    objects = render("secure")
+    config = check_secure_files(objects)
+    assert config.tls_cert is not None and config.tls_key is not None and config.token_file is not None
+    assert config.tls_client_ca is None, "mutual TLS is the mtls Component's, off by default"
+    assert config.health_port is not None
+    assert config.reflection == "off"
+    assert "health" in config.auth_exempt and "reflection" not in config.auth_exempt
+    # /metrics stays reachable for the ServiceMonitor: bound to every address, on the metrics port.
+    assert (config.metrics_host or config.host) == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in server_container(objects)["ports"]}
+    assert config.metrics_port == ports["metrics"]
+
+
+def test_secure_certificate_names_the_service_and_fills_the_mounted_secret() -> None:
+    objects = render("secure")
+    certificate = one(objects, "Certificate", "stylize-tls")
+    spec = certificate["spec"]
+    deployment = one(objects, "Deployment", "stylize")
+    namespace = deployment["metadata"]["namespace"]
+    assert certificate["metadata"]["namespace"] == namespace, "the Secret must be in the pods' namespace"
+    service = one(objects, "Service", "stylize")
+    assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+    fqdn = f"{service['metadata']['name']}.{namespace}.svc.cluster.local"
+    names = set(spec["dnsNames"])
+    assert {f"{service['metadata']['name']}.{namespace}.svc", fqdn} <= names
+    # Only the Service's own names: its short forms, its FQDN, the wildcard of its pods' records.
+    short = fqdn.split(".")
+    allowed = {".".join(short[:n]) for n in range(1, len(short) + 1)} | {f"*.{fqdn}"}
+    assert names <= allowed, names - allowed
+    assert spec["issuerRef"]["name"] and spec["issuerRef"]["kind"] in ("Issuer", "ClusterIssuer")
+    assert go_duration(spec["renewBefore"]) >= datetime.timedelta(days=7)
+    # A gRPC client refuses a server certificate whose extended key usage leaves out server auth.
+    assert "server auth" in spec.get("usages", ["server auth"])
+    tls_cert = secure_config(objects).tls_cert
+    _, secret_name, _ = mounted_secret_file(objects, tls_cert)
+    assert spec["secretName"] == secret_name
+    assert find(objects, "Secret", secret_name) == [], "cert-manager owns the certificate's Secret"
+
+
+def test_secure_probes_go_to_the_health_port_which_no_service_exposes() -> None:
+    objects = render("secure")
+    container = server_container(objects)
+    config = secure_config(objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["health"] == config.health_port
+    assert len(set(ports.values())) == len(ports), ports
+    base = server_container(render("base"))
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == config.health_port, probe
+        # Everything else as in the base: services, periods, thresholds.
+        moved = {**base[probe], "grpc": {**base[probe]["grpc"], "port": config.health_port}}
+        assert container[probe] == moved, probe
+    assert container["readinessProbe"]["grpc"]["service"] == HEALTH_SERVICE
+    assert container["startupProbe"]["grpc"]["service"] == HEALTH_SERVICE
+    assert container["livenessProbe"]["grpc"]["service"] == ""
+    for service in find(objects, "Service"):
+        for port in service["spec"]["ports"]:
+            assert port.get("targetPort") not in ("health", config.health_port), service["metadata"]["name"]
+            assert port["port"] != config.health_port, service["metadata"]["name"]
+
+
+def test_secure_overlay_changes_nothing_else_of_the_base() -> None:
+    """Env only added, the rest of the pod as in the base (grace period, security context, resources),
+    the metrics Service and the ServiceMonitor untouched."""
+    secure, base = render("secure"), render("base")
+    pod = one(secure, "Deployment")["spec"]["template"]["spec"]
+    base_pod = one(base, "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == base_pod["terminationGracePeriodSeconds"]
+    container, base_container = server_container(secure), server_container(base)
+    assert env_of(base_container).items() <= env_of(container).items()
+    changed = {"env", "ports", "startupProbe", "readinessProbe", "livenessProbe", "volumeMounts"}
+    assert {k: v for k, v in container.items() if k not in changed} == {
+        k: v for k, v in base_container.items() if k not in changed
+    }
+    assert {k: v for k, v in pod.items() if k not in ("containers", "volumes")} == {
+        k: v for k, v in base_pod.items() if k not in ("containers", "volumes")
+    }
+    assert [m for m in container["volumeMounts"] if m in base_container["volumeMounts"]] == base_container[
+        "volumeMounts"
+    ]
+    assert [v for v in pod["volumes"] if v in base_pod["volumes"]] == base_pod["volumes"]
+    for kind, name in (("Service", "stylize-metrics"), ("ServiceMonitor", "stylize"), ("Service", "stylize")):
+        assert one(secure, kind, name) == one(base, kind, name), name
+    secret_volumes = [v for v in pod["volumes"] if "secret" in v]
+    assert secret_volumes and all(v["secret"]["defaultMode"] & 0o007 == 0 for v in secret_volumes), (
+        "the key must not be world-readable"
+    )
+
+
+def test_secure_token_file_is_a_placeholder_that_admits_nobody() -> None:
+    """The committed token file parses, lists only the all-zero digest (the SHA-256 of no token anyone
+    knows), and is what the Secret carries, under a name without kustomize's hash suffix (so an update
+    reaches the running pods' volume instead of rolling them)."""
+    objects = render("secure")
+    config = secure_config(objects)
+    _, secret_name, key = mounted_secret_file(objects, config.token_file)
+    assert secret_name == "stylize-tokens"
+    (secret,) = find(objects, "Secret", secret_name)
+    text = secret_data(secret)[key].decode()
+    assert text == (OVERLAYS["secure"] / "tokens.json").read_text()
+    by_digest, by_name = parse_token_file(text, key)
+    assert list(by_digest) == [PLACEHOLDER_DIGEST] and by_name
+    # Nothing in the overlay that could be a credential: no PEM keys or certificates, no other digest.
+    for path in OVERLAYS["secure"].rglob("*"):
+        if path.is_file():
+            content = path.read_text()
+            assert "-----BEGIN" not in content, path
+            assert set(re.findall(r"\b[0-9a-f]{64}\b", content)) <= {PLACEHOLDER_DIGEST}, path
+
+
+def render_secure_variant(tmp_path: Path, variant: str) -> tuple[dict[str, Any], ...]:
+    """The secure overlay as its kustomization.yaml says to change it: mtls (uncomment `components:`), or
+    gpu/fleet (../gpu or ../fleet instead of ../../base). Rendered from a copy in tmp_path."""
+    copy = tmp_path / "secure"
+    shutil.copytree(OVERLAYS["secure"], copy)
+    kustomization = copy / "kustomization.yaml"
+    text = kustomization.read_text()
+    commented, enabled = "# components:\n#   - mtls\n", "components:\n  - mtls\n"
+    assert text.count(commented) == 1 and text.count("  - ../../base\n") == 1
+    if variant == "mtls":
+        text = text.replace(commented, enabled)
+    below = OVERLAYS["base" if variant == "mtls" else variant]
+    kustomization.write_text(text.replace("  - ../../base\n", f"  - {os.path.relpath(below, copy)}\n"))
+    return kustomize(copy)
+
+
+@pytest.mark.parametrize("variant", ["mtls", "gpu", "fleet"])
+def test_secure_overlay_variants_render_validate_and_parse(tmp_path: Path, variant: str) -> None:
+    objects = render_secure_variant(tmp_path, variant)
+    for document in objects:
+        validate(document)
+    config = check_secure_files(objects)
+    assert config.reflection == "off" and config.health_port is not None and config.token_file is not None
+    container = server_container(objects)
+    if variant == "mtls":
+        assert config.tls_client_ca is not None  # parse_config checked it goes with the certificate
+        assert not config.tenant_from_client_cert, "commented out: tokens still name the tenant"
+    elif variant == "gpu":
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    else:
+        assert config.broker.startswith("redis://")
+        assert one(objects, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["type"] == "External"
+
+
+def readme_blocks(text: str) -> list[str]:
+    """The fenced ```yaml blocks of a README, unindented."""
+    blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", text, re.M | re.S)
+    return [re.sub(rf"^{indent}", "", body, flags=re.M) for indent, body in blocks]
+
+
+def test_secure_readme_matches_the_overlay() -> None:
+    """The file table lists the overlay's files; the names and targets clients are told to use are the
+    certificate's; the issuer and client certificate it shows are valid cert-manager objects that fit."""
+    overlay = OVERLAYS["secure"]
+    readme = (overlay / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([\w./-]+)` \|", readme, re.M))
+    files = {str(path.relative_to(overlay)) for path in overlay.rglob("*") if path.is_file()}
+    assert listed == files - {"README.md"}
+    objects = render("secure")
+    certificate = one(objects, "Certificate", "stylize-tls")
+    names = set(certificate["spec"]["dnsNames"])
+    grpc_port = one(objects, "Service", "stylize")["spec"]["ports"][0]["port"]
+    server_names = re.findall(r"--tls-server-name (\S+)", readme)
+    targets = re.findall(r"dns:///([\w.-]+):(\d+)", readme)
+    assert server_names and targets
+    assert set(server_names) <= names
+    assert {(name, int(port)) for name, port in targets} <= {(name, grpc_port) for name in names}
+    shown = [doc for block in readme_blocks(readme) for doc in yaml.safe_load_all(block) if doc]
+    for document in shown:
+        validate(document)
+        assert document["metadata"].get("namespace") == certificate["metadata"]["namespace"]
+    issuers = {(d["kind"], d["metadata"]["name"]) for d in shown if d["kind"] in ("Issuer", "ClusterIssuer")}
+    issuer_ref = certificate["spec"]["issuerRef"]
+    assert (issuer_ref["kind"], issuer_ref["name"]) in issuers, "the README's CA issuer is the one asked"
+    (ca_issuer,) = [d for d in shown if d["kind"] == "Issuer" and d["metadata"]["name"] == issuer_ref["name"]]
+    ca_certificates = [d for d in shown if d["kind"] == "Certificate" and d["spec"].get("isCA")]
+    assert [c["spec"]["secretName"] for c in ca_certificates] == [ca_issuer["spec"]["ca"]["secretName"]]
+    clients = [d for d in shown if d["kind"] == "Certificate" and not d["spec"].get("isCA")]
+    assert clients and all("client auth" in c["spec"]["usages"] for c in clients)
+    assert all(c["spec"]["issuerRef"] == issuer_ref for c in clients)
+
+
+def test_secure_readme_digest_command_is_the_servers_digest() -> None:
+    """`printf %s "$TOKEN" | sha256sum` as the README writes it gives the digest the server compares."""
+    readme = (OVERLAYS["secure"] / "README.md").read_text()
+    (command,) = re.findall(r"^ +(printf .*sha256sum)$", readme, re.M)
+    token = secrets.token_hex(32)
+    result = subprocess.run(
+        ["bash", "-c", command],
+        env={"TOKEN": token, "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == token_digest(token)
+
+
+# --- the secure overlay's configuration on a real server, with its Secrets as the kubelet writes them
+
+
+def write_secret_volume(directory: Path, files: dict[str, bytes]) -> None:
+    """What the kubelet's atomic writer does to a secret volume: the files go into a new timestamped
+    folder, `..data` is switched to it by one rename, each key is a symlink through `..data`, and the old
+    folder is removed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "..data"
+    previous = data.resolve() if data.is_symlink() else None
+    folder = directory / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+        (folder / name).chmod(0o440)
+    staged = directory / "..data_tmp"
+    staged.symlink_to(folder.name)
+    os.replace(staged, data)
+    for name in files:
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(f"..data/{name}")
+    if previous is not None:
+        shutil.rmtree(previous)
+
+
+def issue_certificates(common_name: str, dns_names: list[str]) -> dict[str, bytes]:
+    """A new CA and a server certificate it signs for `dns_names`: the Secret cert-manager's CA issuer
+    writes (tls.crt, tls.key, ca.crt)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    ca = (
+        build(common_name, ca_key)
+        .issuer_name(ca_name)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        build(dns_names[0], key)
+        .issuer_name(ca_name)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name) for name in dns_names]), critical=False
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    return {
+        "tls.crt": server.public_bytes(pem),
+        "tls.key": key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        "ca.crt": ca.public_bytes(pem),
+    }
+
+
+def token_file_for(*tokens: str) -> bytes:
+    return json.dumps({"tenants": {"acme": {"token_sha256": [token_digest(t) for t in tokens]}}}).encode()
+
+
+def test_secure_overlay_configuration_serves_tls_and_tokens_and_rotates_in_place(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A real server with the overlay's STYLIZE_* variables, its Secret files laid out as the kubelet
+    does (under tmp_path instead of /): the probes' services answer SERVING in plaintext on the health
+    port, which serves nothing else; the gRPC port takes TLS only and a known token; reflection is off.
+    Then the kubelet's swap of both volumes: new connections get the new certificate and the new tokens,
+    without a restart."""
+    objects = render("secure")
+    container = server_container(objects)
+    environ = env_of(container)
+    config = parse_config([], environ)
+    dns_names = one(objects, "Certificate", "stylize-tls")["spec"]["dnsNames"]
+    server_name = max(dns_names, key=lambda name: (not name.startswith("*"), len(name)))
+    pod_root = tmp_path / "pod"
+
+    def in_pod(path: Path) -> Path:
+        return pod_root / path.relative_to("/")
+
+    first, second = issue_certificates("ca-one", dns_names), issue_certificates("ca-two", dns_names)
+    token, new_token = secrets.token_hex(32), secrets.token_hex(32)
+    tls_dir, tokens_dir = in_pod(config.tls_cert).parent, in_pod(config.token_file).parent
+    write_secret_volume(tls_dir, first)
+    write_secret_volume(tokens_dir, {config.token_file.name: token_file_for(token)})
+    secret_mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in ("tls", "tokens")]
+    env = {
+        **{
+            name: str(in_pod(Path(value))) if any(value.startswith(f"{m}/") for m in secret_mounts) else value
+            for name, value in environ.items()
+        },
+        "STYLIZE_HEALTH_PORT": "0",  # a free one; the overlay's own port is checked above
+        "STYLIZE_TRT_CACHE_DIR": str(tmp_path / "trt"),
+    }
+    assert env["STYLIZE_TLS_CERT"] == str(tls_dir / "tls.crt")
+
+    def channel(port: int, ca: bytes | None = None) -> grpc.Channel:
+        options = [("grpc.use_local_subchannel_pool", 1), ("grpc.ssl_target_name_override", server_name)]
+        address = f"127.0.0.1:{port}"
+        if ca is None:
+            return grpc.insecure_channel(address, options=options[:1])
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca), options=options)
+
+    def health(port: int, service: str, ca: bytes | None = None) -> str:
+        with channel(port, ca) as ch:
+            response = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def info(port: int, ca: bytes | None, bearer: str | None) -> grpc.StatusCode:
+        metadata = [] if bearer is None else [("authorization", f"Bearer {bearer}")]
+        with channel(port, ca) as ch:
+            try:
+                stylize_pb2_grpc.StyleTransferStub(ch).GetServerInfo(
+                    pb.GetServerInfoRequest(), metadata=metadata, timeout=5
+                )
+            except grpc.RpcError as error:
+                return error.code()
+        return grpc.StatusCode.OK
+
+    with ServerProcess(model_dir, "--device", "cpu", env=env, wait_for=None) as server:
+        (health_port,) = map(
+            int, re.findall(r"health \(plaintext, health service only\) on \S+:(\d+)", server.log())
+        )
+        probes = [
+            container[p]["grpc"]["service"] for p in ("startupProbe", "readinessProbe", "livenessProbe")
+        ]
+
+        def probes_pass() -> bool:
+            try:
+                return all(health(health_port, service) == "SERVING" for service in probes)
+            except grpc.RpcError:
+                return False
+
+        wait_until(probes_pass, timeout=120)
+        assert info(health_port, None, token) == grpc.StatusCode.UNIMPLEMENTED, "health port: health only"
+        with pytest.raises(grpc.RpcError) as plaintext:
+            health(server.port, "")
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE, "the gRPC port must refuse plaintext"
+        assert health(server.port, HEALTH_SERVICE, first["ca.crt"]) == "SERVING"  # exempt from tokens
+        assert info(server.port, first["ca.crt"], None) == grpc.StatusCode.UNAUTHENTICATED
+        assert info(server.port, first["ca.crt"], new_token) == grpc.StatusCode.UNAUTHENTICATED
+        assert info(server.port, first["ca.crt"], token) == grpc.StatusCode.OK
+        assert info(server.port, second["ca.crt"], token) == grpc.StatusCode.UNAVAILABLE
+        with channel(server.port, first["ca.crt"]) as ch:
+            replies = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=5,
+            )
+            with pytest.raises(grpc.RpcError) as reflection:
+                list(replies)
+        assert reflection.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+        # cert-manager renews (a new key, here even a new CA) and the token Secret is edited; the kubelet
+        # swaps the volumes' files.
+        write_secret_volume(tls_dir, second)
+        write_secret_volume(tokens_dir, {config.token_file.name: token_file_for(new_token)})
+        wait_until(lambda: info(server.port, second["ca.crt"], new_token) == grpc.StatusCode.OK, timeout=10)
+        assert info(server.port, first["ca.crt"], new_token) == grpc.StatusCode.UNAVAILABLE
+        assert info(server.port, second["ca.crt"], token) == grpc.StatusCode.UNAUTHENTICATED
+        log = server.log()
+        assert "TLS certificate reloaded" in log and "reloaded: 1 tenant(s)" in log
+        assert server.process.poll() is None
