@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -35,9 +36,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # bench.machine, and the tests' server harness
 
-from serverproc import ServerProcess, export_random_model  # noqa: E402
+from serverproc import ServerProcess, export_random_model, sample, scrape  # noqa: E402
 
 from bench.machine import machine_info  # noqa: E402
+from stylize.api.options import Limits  # noqa: E402
 from stylize.server import convert  # noqa: E402
 from stylize.server.config import parse_config  # noqa: E402
 from stylize.server.engine.records import Result  # noqa: E402
@@ -49,20 +51,57 @@ SAMPLES = ROOT / "assets" / "samples"
 SERVING_AFTER = re.compile(r"SERVING after (\d+\.\d+) s")
 
 
-def the_request(size: int, iterations: int) -> pb.StylizeRequest:
+def the_request(size: int, iterations: int, precision: str) -> pb.StylizeRequest:
     return pb.StylizeRequest(
         content_image=(SAMPLES / "chelsea.png").read_bytes(),
         styles=[pb.StyleImage(image=(SAMPLES / "coffee.png").read_bytes())],
-        options=pb.StyleOptions(size=size, min_size=size, initial_iterations=iterations),
+        options=pb.StyleOptions(
+            size=size,
+            min_size=size,
+            initial_iterations=iterations,
+            precision=pb.Precision.Value(f"PRECISION_{precision.upper()}"),
+        ),
     )
 
 
-def through_service(stub: stylize_pb2_grpc.StyleTransferStub, request: pb.StylizeRequest) -> float:
+@dataclass
+class Stages:
+    """Where one service call's time went: the client's total, the server's figures for the job."""
+
+    total: float
+    # From acceptance (after decoding) to a worker taking the job.
+    queue: float
+    # On the worker: the engine (targets and optimization) and the final encode.
+    run: float
+
+
+def through_service(stub: stylize_pb2_grpc.StyleTransferStub, request: pb.StylizeRequest) -> Stages:
     began = time.perf_counter()
     for event in stub.Stylize(request):
         if event.HasField("completed"):
-            return time.perf_counter() - began
+            total = time.perf_counter() - began
+            return Stages(total, event.completed.queue_seconds, event.completed.run_seconds)
     raise RuntimeError("the stream ended without a result")
+
+
+def phase_means(metrics_url: str) -> dict[str, float]:
+    """Mean seconds per job of each phase the server's workers time (stylize_job_phase_seconds)."""
+    samples = scrape(metrics_url)
+    means = {}
+    for phase in ("targets", "optimize", "encode"):
+        count = sample(samples, "stylize_job_phase_seconds_count", phase=phase) or 0
+        means[phase] = round((sample(samples, "stylize_job_phase_seconds_sum", phase=phase) or 0) / count, 4)
+    return means
+
+
+def decode_seconds(request: pb.StylizeRequest, limits: Limits, repeats: int = 5) -> float:
+    """The server's decoding and validation of the request (done before the job is queued)."""
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        convert.request_from_proto(request, limits)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
 
 
 def through_engine(runtime: Runtime, job: convert.JobRequest) -> float:
@@ -91,6 +130,12 @@ def main() -> None:
     parser.add_argument("--startups", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "auto"),
+        default="fp32",
+        help="the request's precision, the same on both sides (fp32: what the overhead goal is stated in)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -107,12 +152,16 @@ def main() -> None:
         model_dir = args.model_dir or export_random_model(Path(scratch))
         startups = [startup(model_dir, args.device, env) for _ in range(args.startups)]
 
-        request = the_request(args.size, args.iterations)
-        config = parse_config(["--model-dir", str(model_dir), "--device", args.device], environ={})
+        request = the_request(args.size, args.iterations, args.precision)
+        # Both sides with the same torch threads: the Runtime sets them process-wide from --threads.
+        thread_flags = ["--threads", str(args.threads)] if args.threads else []
+        config = parse_config(
+            ["--model-dir", str(model_dir), "--device", args.device, *thread_flags], environ={}
+        )
         runtime = Runtime(config)
         job = convert.request_from_proto(request, config.limits)
         service_runs, engine_runs = [], []
-        with ServerProcess(model_dir, "--device", args.device, env=env) as server:
+        with ServerProcess(model_dir, "--device", args.device, *thread_flags, env=env) as server:
             stub = stylize_pb2_grpc.StyleTransferStub(grpc.insecure_channel(server.address))
             through_service(stub, request)  # warm-up: first-call allocations on both sides
             through_engine(runtime, job)
@@ -125,7 +174,13 @@ def main() -> None:
                     engine_runs.append(through_engine(runtime, job))
                     service_runs.append(through_service(stub, request))
 
-    service, engine = statistics.median(service_runs), statistics.median(engine_runs)
+            phases = phase_means(server.metrics_url)  # the warm-up job included
+        decoding = decode_seconds(request, config.limits)
+
+    service = statistics.median(run.total for run in service_runs)
+    engine = statistics.median(engine_runs)
+    worker = statistics.median(run.run for run in service_runs)
+    queue = statistics.median(run.queue for run in service_runs)
     print(
         json.dumps(
             {
@@ -135,12 +190,23 @@ def main() -> None:
                 "threads": args.threads or torch.get_num_threads(),
                 "size": args.size,
                 "iterations": args.iterations,
+                "precision": args.precision,
                 "repeats": args.repeats,
                 "service_seconds_median": round(service, 4),
                 "engine_seconds_median": round(engine, 4),
                 "overhead_ratio": round(service / engine - 1, 4),
                 "goal_overhead_ratio": 0.05,
-                "service_seconds": [round(s, 4) for s in service_runs],
+                "service_seconds": [round(run.total, 4) for run in service_runs],
+                # Medians per job. `worker` is the engine plus the final encode on the server's worker;
+                # the rest of a call is decoding, the queue, transport and the handoffs between threads.
+                "service_split_seconds": {
+                    "decode_and_validate": round(decoding, 4),
+                    "queue": round(queue, 4),
+                    "worker": round(worker, 4),
+                    "worker_phases_mean": phases,
+                    "transport_and_handoff": round(service - worker - queue - decoding, 4),
+                },
+                "worker_over_engine_ratio": round(worker / engine - 1, 4),
                 "engine_seconds": [round(s, 4) for s in engine_runs],
                 "startup_seconds_median": round(statistics.median(s for s, _ in startups), 3),
                 "serving_after_seconds_median": round(statistics.median(o for _, o in startups), 3),
