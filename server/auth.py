@@ -146,13 +146,18 @@ class TokenFile:
             self._checked = now
             try:
                 stamp = self._read_stamp()
-                if stamp == self._stamp:
-                    return
+            except OSError as error:
+                log.error("token file %s cannot be read (keeping the previous tenants): %s", self.path, error)
+                return
+            if stamp == self._stamp:
+                return
+            # Taken before parsing: a file that does not parse is reported once, not every second.
+            self._stamp = stamp
+            try:
                 self._by_digest, self._by_name = parse_token_file(self.path.read_text(), str(self.path))
-            except (OSError, TokenFileError) as error:
+            except (OSError, UnicodeDecodeError, TokenFileError) as error:
                 log.error("token file changed but cannot be used (keeping the previous tenants): %s", error)
                 return
-            self._stamp = stamp
             log.info("token file %s reloaded: %d tenant(s)", self.path, len(self._by_name))
 
     def by_token(self, token: str) -> Tenant | None:

@@ -202,6 +202,10 @@ class JobManager:
                 waiting_for_broker = True
                 self._stopping.wait(BROKER_RETRY_SECONDS)
                 continue
+            except Exception:  # a worker that died would leave its device idle for good
+                log.exception("worker %d: taking a job failed; asking again", worker)
+                self._stopping.wait(BROKER_RETRY_SECONDS)
+                continue
             waiting_for_broker = False
             if lease is None:
                 continue
@@ -210,6 +214,10 @@ class JobManager:
             began = time.monotonic()
             try:
                 outcome = self._run(lease, worker)
+            except Exception:  # outside the engine (releasing memory, metrics): the job must still end
+                log.exception("job %s: the worker failed around it", lease.job_id)
+                message = f"job {lease.job_id} failed: internal error (see the log)"
+                outcome = _Outcome(pb.JOB_STATE_FAILED, JobStatus(grpc.StatusCode.INTERNAL, message))
             finally:
                 with self._lock:
                     self._running -= 1

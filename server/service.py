@@ -22,6 +22,7 @@ import dataclasses
 import hmac
 import importlib.metadata
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -50,6 +51,8 @@ DEADLINE_MARGIN = 0.5
 # A call that ends this close to its deadline counts as deadline exceeded.
 DEADLINE_SKEW_SECONDS = 0.5
 WATCH_TOKEN_BYTES = 16
+# What a job id looks like (uuid4().hex).
+JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class DecodeSlots:
@@ -259,12 +262,18 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
                 context,
                 JobStatus.invalid(OptionsError([FieldViolation("job_id", "is required")])),
             )
-        if manager is not None:
-            await self._require_broker(manager, context)
-        try:
-            owner = await manager.broker.owner(job_id) if manager is not None else None
-        except BrokerUnavailable as error:
-            await abort(context, error.status)
+        if manager is None:
+            await abort(
+                context, JobStatus(grpc.StatusCode.UNAVAILABLE, "server starting: the model is loading")
+            )
+        await self._require_broker(manager, context)
+        owner = None
+        # Only ids this server makes (uuid4 hex) reach the broker: no key a caller composes.
+        if JOB_ID.fullmatch(job_id):
+            try:
+                owner = await manager.broker.owner(job_id)
+            except BrokerUnavailable as error:
+                await abort(context, error.status)
         caller = current_tenant.get()
         allowed = owner is not None and (
             owner.tenant == caller.name

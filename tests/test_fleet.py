@@ -106,6 +106,10 @@ def test_a_job_submitted_on_one_replica_is_watched_by_two_others_and_cancelled_f
     by_sequence = {e.sequence: e.SerializeToString() for e in b}
     assert all(by_sequence[e.sequence] == e.SerializeToString() for e in a if e.sequence in common)
     assert [e.sequence for e in a] == sorted(e.sequence for e in a)
+    # An id this server did not make never reaches Redis as a key: NOT_FOUND, and the replica stays ready.
+    with pytest.raises(grpc.RpcError) as crafted:
+        list(stub(second).WatchJob(pb.WatchJobRequest(job_id=job_id + ":events"), timeout=10))
+    assert crafted.value.code() == grpc.StatusCode.NOT_FOUND and second.health(SERVICE_NAME) == "SERVING"
     # A late watcher on the first replica gets the history, ending with the cancellation.
     late = StreamReader(stub(first).WatchJob(pb.WatchJobRequest(job_id=job_id)))
     late.join(15)

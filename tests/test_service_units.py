@@ -19,7 +19,7 @@ from serverproc import png_bytes, stylize_request
 from stylize.api.options import DEFAULT_LIMITS, DEFAULTS, Optimizer, OptionsError, Pooling
 from stylize.server import convert, jobs
 from stylize.server.auth import Tenant, TenantLimits
-from stylize.server.broker import Broker, JobEnd, JobOwner, Rejected
+from stylize.server.broker import Broker, BrokerUnavailable, JobEnd, JobOwner, Rejected
 from stylize.server.broker.memory import SUBSCRIBER_BACKLOG, Job, MemoryBroker
 from stylize.server.broker.redis import RedisBroker
 from stylize.server.codec import decode_image
@@ -581,3 +581,51 @@ def test_a_tenant_gets_only_its_concurrent_decodes() -> None:
         assert "max_concurrent_decodes 1" in second.message and second.retry_after_seconds == 1.0
     with slots.slot(limited) as again:
         assert again is None  # the slot was given back
+
+
+# ---------------------------------------------------------------- the Redis broker's edge cases
+
+
+def redis_broker(server: RedisProcess) -> RedisBroker:
+    redis.Redis.from_url(server.url).flushall()
+    return RedisBroker(
+        server.url,
+        loop=asyncio.get_running_loop(),
+        limits=DEFAULT_LIMITS,
+        max_queue=4,
+        finished_job_ttl=60.0,
+        lease_seconds=5.0,
+        max_attempts=2,
+    )
+
+
+def test_a_job_that_succeeded_as_the_grace_period_ended_is_finished_not_handed_back(redis_server) -> None:
+    async def scenario():
+        engine = EncodeGate()
+        manager = await start_manager(engine, lambda **_: redis_broker(redis_server))
+        job_id, _ = await submit(manager)
+        await asyncio.to_thread(engine.encoding.wait, 10)  # past the last cancellation check
+        manager.broker.start_draining()
+        await manager.broker.abandon()
+        engine.release.set()
+        events, end = await follow(manager, job_id)
+        await stop_manager(manager)
+        return events, end
+
+    events, end = asyncio.run(scenario())
+    assert end.state == pb.JOB_STATE_SUCCEEDED and events[-1].HasField("completed")
+    assert not any(event.HasField("retrying") for event in events)
+
+
+def test_a_crafted_job_id_is_refused_by_redis_alone_and_does_not_mark_the_broker_down(redis_server) -> None:
+    async def scenario():
+        manager = await start_manager(FakeEngine(), lambda **_: redis_broker(redis_server))
+        job_id, _ = await submit(manager)
+        with pytest.raises(BrokerUnavailable):  # WRONGTYPE: that call's error only
+            await manager.broker.owner(job_id + ":events")
+        available = manager.broker.available
+        await follow(manager, job_id)
+        await stop_manager(manager)
+        return available
+
+    assert asyncio.run(scenario()) is True

@@ -47,7 +47,9 @@ import grpc
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stylize.api.options import FieldViolation, Limits, OptionsError
 from stylize.server import convert
@@ -171,6 +173,7 @@ redis.call('ZREM', tenant_key('queued'), ARGV[5])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'lease', ARGV[1], 'entry', ARGV[2], 'consumer', ARGV[6])
 local f = redis.call('HMGET', KEYS[1], 'request', 'seq', 'accepted_at', 'cancel', 'retry_reason', 'tenant')
+redis.call('HDEL', KEYS[1], 'retry_reason')
 if attempt > tonumber(ARGV[3]) then return {'exhausted', attempt - 1, f[2], f[3]} end
 return {'run', attempt, f[2], f[3], f[1], f[4] or '', f[5] or '', f[6] or ''}
 """
@@ -179,6 +182,8 @@ return {'run', attempt, f[2], f[3], f[1], f[4] or '', f[5] or '', f[6] or ''}
 # KEYS: job, events. ARGV: token, seq, event, maxlen, slot, second slot, 1 to forget the last attempt.
 PUBLISH = """
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
+-- A retry of a write that Redis ran although its reply was lost: already there.
+if tonumber(ARGV[2]) <= tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') then return 1 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'e', ARGV[3])
 redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'last', id)
 if ARGV[7] == '1' then redis.call('HDEL', KEYS[1], 'ev:started', 'ev:preview', 'ev:progress') end
@@ -466,6 +471,8 @@ class RedisBroker:
         self._watch = self._redis.register_script(WATCH)
         self._available = False
         self._group_ready = False
+        # Where the next XAUTOCLAIM scan of the pending entries starts ("0-0" after a full pass).
+        self._claim_cursor: bytes | str = "0-0"
         self._figures = QueueFigures(0, max_queue, 0.0)
         self._leases: dict[str, RedisLease] = {}
         self._draining = False
@@ -503,8 +510,11 @@ class RedisBroker:
             log.error("job broker %s unavailable: %s", self.name, error)
         self._available = False
 
-    def _unavailable(self, error: BaseException) -> BrokerUnavailable:
-        self.mark_down(error)
+    def _unavailable(self, error: RedisError) -> BrokerUnavailable:
+        """The error for a call that Redis did not answer; only a connection problem (not a refused
+        command) marks the broker down for every call."""
+        if isinstance(error, RedisConnectionError | RedisTimeoutError):
+            self.mark_down(error)
         return BrokerUnavailable(self.name, str(error) or type(error).__name__)
 
     async def start(self) -> None:
@@ -803,15 +813,25 @@ class RedisBroker:
     def _end_unrun(self, job_id: str, token: str, status: JobStatus) -> None:
         """End a job that was taken but will not run (no attempts left, a request this server refuses)."""
         log.warning("job %s: %s", job_id, status.message)
-        asyncio.run_coroutine_threadsafe(
-            self._end(job_id, token, pb.JOB_STATE_FAILED, status), self._loop
-        ).result()
+        try:
+            asyncio.run_coroutine_threadsafe(
+                self._end(job_id, token, pb.JOB_STATE_FAILED, status), self._loop
+            ).result()
+        except RedisError as error:
+            # The job stays pending: taken again after its lease, it ends then.
+            raise BrokerUnavailable(self.name, str(error)) from None
 
     async def _claim(self, timeout: float) -> tuple[str, str, list[bytes]] | None:
         try:
             # A job whose worker stopped renewing its lease comes first: it has waited longest.
-            _, entries, _ = await self._redis.xautoclaim(
-                JOBS, GROUP, self._consumer, min_idle_time=self._lease_ms, start_id="0-0", count=1
+            # XAUTOCLAIM looks at COUNT x 10 pending entries per call: the cursor carries on from there.
+            self._claim_cursor, entries, _ = await self._redis.xautoclaim(
+                JOBS,
+                GROUP,
+                self._consumer,
+                min_idle_time=self._lease_ms,
+                start_id=self._claim_cursor,
+                count=1,
             )
             if not entries:
                 response = await self._redis.xreadgroup(
@@ -832,6 +852,19 @@ class RedisBroker:
                 self._group_ready = False
             raise self._unavailable(error) from None
         if taken[0] == b"gone":
+            return None
+        if self._draining:
+            # Draining began while this worker waited for the entry: give it back untouched.
+            await self._release(
+                keys=[job_key(job_id), JOBS, QUEUED],
+                args=[
+                    token,
+                    GROUP,
+                    job_id,
+                    "the server that took it shut down",
+                    repr(time.time() + QUEUED_JOB_TTL),
+                ],
+            )
             return None
         return job_id, token, taken
 
@@ -876,7 +909,9 @@ class RedisBroker:
             if not written:
                 self._lose(lease)
             return False
-        if lease.hand_back:
+        if lease.hand_back and item.state == pb.JOB_STATE_CANCELLED and lease.cancel_status() is SHUTDOWN:
+            # Stopped by the end of the grace period: the job goes back to the queue. An attempt that
+            # ended otherwise (succeeded, failed, cancelled by a caller) is finished as it ended.
             await self._release(
                 keys=[job_key(lease.job_id), JOBS, QUEUED],
                 args=[
