@@ -471,6 +471,8 @@ class RedisBroker:
         self._watch = self._redis.register_script(WATCH)
         self._available = False
         self._group_ready = False
+        # When Redis last became reachable from here (monotonic); reclaiming waits a lease period after it.
+        self._reachable_since = time.monotonic()
         # Where the next XAUTOCLAIM scan of the pending entries starts ("0-0" after a full pass).
         self._claim_cursor: bytes | str = "0-0"
         self._figures = QueueFigures(0, max_queue, 0.0)
@@ -480,7 +482,7 @@ class RedisBroker:
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
         # Watchers of this replica being counted out, by job id.
-        self._unwatching: dict[str, asyncio.Future[None]] = {}
+        self._unwatching: dict[str, set[asyncio.Future[None]]] = collections.defaultdict(set)
 
     @property
     def available(self) -> bool:
@@ -528,6 +530,13 @@ class RedisBroker:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if not self._leases:
+            # Nothing of this replica is pending any more: drop its consumer from the group. (With a
+            # lease still held, the entry must stay pending so that another worker reclaims it.)
+            try:
+                await self._redis.xgroup_delconsumer(JOBS, GROUP, self._consumer)
+            except RedisError as error:
+                log.warning("could not remove consumer %s from the group: %s", self._consumer, error)
         await self._redis.aclose()
 
     # ------------------------------------------------------------ upkeep
@@ -568,6 +577,7 @@ class RedisBroker:
             return
         if not self._available:
             log.warning("job broker %s reachable", self.name)
+            self._reachable_since = time.monotonic()
         self._available = True
 
     async def _listen_for_cancellations(self) -> None:
@@ -690,8 +700,15 @@ class RedisBroker:
             # A task: this generator may be closing because its call was cancelled. watchers() waits for
             # it, so a caller that asks right after its own watcher left is not counted.
             unwatch = asyncio.ensure_future(self._unwatch(key))
-            self._unwatching[job_id] = unwatch
-            unwatch.add_done_callback(lambda _: self._unwatching.pop(job_id, None))
+            self._unwatching[job_id].add(unwatch)
+            unwatch.add_done_callback(lambda done: self._forget_unwatch(job_id, done))
+
+    def _forget_unwatch(self, job_id: str, done: asyncio.Future[None]) -> None:
+        leaving = self._unwatching.get(job_id)
+        if leaving is not None:
+            leaving.discard(done)
+            if not leaving:
+                del self._unwatching[job_id]
 
     async def _unwatch(self, key: str) -> None:
         try:
@@ -720,8 +737,8 @@ class RedisBroker:
 
     async def watchers(self, job_id: str) -> int:
         leaving = self._unwatching.get(job_id)
-        if leaving is not None:
-            await asyncio.shield(leaving)
+        if leaving:
+            await asyncio.shield(asyncio.gather(*leaving, return_exceptions=True))
         try:
             return int(await self._redis.hget(job_key(job_id), "watchers") or 0)
         except RedisError as error:
@@ -824,15 +841,18 @@ class RedisBroker:
     async def _claim(self, timeout: float) -> tuple[str, str, list[bytes]] | None:
         try:
             # A job whose worker stopped renewing its lease comes first: it has waited longest.
-            # XAUTOCLAIM looks at COUNT x 10 pending entries per call: the cursor carries on from there.
-            self._claim_cursor, entries, _ = await self._redis.xautoclaim(
-                JOBS,
-                GROUP,
-                self._consumer,
-                min_idle_time=self._lease_ms,
-                start_id=self._claim_cursor,
-                count=1,
-            )
+            entries = []
+            # After an outage every lease looks old: their workers get one lease period to renew first.
+            if time.monotonic() - self._reachable_since >= self._lease_ms / 1000:
+                # XAUTOCLAIM looks at COUNT x 10 pending entries per call: the cursor carries on from there.
+                self._claim_cursor, entries, _ = await self._redis.xautoclaim(
+                    JOBS,
+                    GROUP,
+                    self._consumer,
+                    min_idle_time=self._lease_ms,
+                    start_id=self._claim_cursor,
+                    count=1,
+                )
             if not entries:
                 response = await self._redis.xreadgroup(
                     GROUP, self._consumer, {JOBS: ">"}, count=1, block=round(timeout * 1000)
@@ -912,7 +932,7 @@ class RedisBroker:
         if lease.hand_back and item.state == pb.JOB_STATE_CANCELLED and lease.cancel_status() is SHUTDOWN:
             # Stopped by the end of the grace period: the job goes back to the queue. An attempt that
             # ended otherwise (succeeded, failed, cancelled by a caller) is finished as it ended.
-            await self._release(
+            released = await self._release(
                 keys=[job_key(lease.job_id), JOBS, QUEUED],
                 args=[
                     lease.token,
@@ -922,7 +942,8 @@ class RedisBroker:
                     repr(time.time() + QUEUED_JOB_TTL),
                 ],
             )
-            log.info("job %s handed back to the queue", lease.job_id)
+            if released:
+                log.info("job %s handed back to the queue", lease.job_id)
             return True
         await self._end(lease.job_id, lease.token, item.state, item.status, item.completed, item.sequence)
         return True
