@@ -32,6 +32,8 @@ demo: venv weights
 
 # The engine and precision tests run twice: once on this CPU, once on an imitated AVX2-only CPU without
 # bf16 (oneDNN's and ATen's documented switches), so a machine with bf16 hardware also runs that path.
+# The second pass leaves out the 200-iteration convergence tests (30 s there): they test the optimizer,
+# which the first pass covers, not the precision choice.
 AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 # The tools the tests need (Debian's prometheus and redis-server, a kubectl with kustomize v5), installed
 # before pytest runs.
@@ -42,7 +44,8 @@ test: venv weights tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
-	$(AVX2_ONLY) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_engine_precision.py tests/test_engine_run.py
+	$(AVX2_ONLY) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_engine_precision.py tests/test_engine_run.py \
+		-k "not style_loss_falls"
 
 lint: venv
 	$(VENV)/bin/ruff check .
