@@ -24,7 +24,7 @@ import importlib.metadata
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 
@@ -146,13 +146,20 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         with self._decodes.slot(tenant) as refusal:
             if refusal is not None:
                 await self._reject(context, refusal)
+            decoding = asyncio.ensure_future(
+                asyncio.to_thread(convert.request_from_proto, request, self._config.limits)
+            )
             try:
-                job_request = await asyncio.to_thread(
-                    convert.request_from_proto, request, self._config.limits
-                )
+                job_request = await asyncio.shield(decoding)
                 self._runtime().check_backbone(job_request.options)
             except OptionsError as error:
                 await self._reject(context, JobStatus.invalid(error))
+            except asyncio.CancelledError:
+                # The caller left, but the decode runs on in its thread: the slot is held until it ends,
+                # so cancelling and sending again does not get past max_concurrent_decodes.
+                with contextlib.suppress(Exception):
+                    await decoding
+                raise
         plan = schedule.plan_for(job_request.options, job_request.content.size)
         # Only a Stylize call lives as long as its job; SubmitJob's deadline covers the submission alone.
         remaining = context.time_remaining() if owned_by_call else None
@@ -169,8 +176,8 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         # A Stylize caller has no response to receive a watch token in.
         watch_token = "" if owned_by_call else secrets.token_urlsafe(WATCH_TOKEN_BYTES)
         owner = JobOwner(tenant.name, token_digest(watch_token) if watch_token else "")
-        try:
-            job_id, position = await manager.broker.submit(
+        submitting = asyncio.ensure_future(
+            manager.broker.submit(
                 request,
                 job_request,
                 owned_by_call=owned_by_call,
@@ -178,6 +185,13 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
                 limits=tenant.limits,
                 work=sum(scale.pixels * scale.iterations for scale in plan),
             )
+        )
+        try:
+            job_id, position = await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            # The caller left while its job was being queued: nobody has its id, so it must not run.
+            submitting.add_done_callback(self._cancel_orphan)
+            raise
         except Rejected as rejected:
             await self._reject(context, rejected.status)
         except BrokerUnavailable as error:
@@ -231,7 +245,19 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
             )
         else:
             status = JobStatus(grpc.StatusCode.CANCELLED, "the caller cancelled")
-        task = asyncio.ensure_future(self._cancel_unwatched(job_id, status))
+        self._spawn(self._cancel_unwatched(job_id, status))
+
+    def _cancel_orphan(self, submitted: asyncio.Future[tuple[str, int]]) -> None:
+        if submitted.cancelled() or submitted.exception() is not None:
+            return
+        job_id, _ = submitted.result()
+        log.info("job %s: its caller left while it was being queued; cancelling", job_id)
+        self._spawn(
+            self._cancel_unwatched(job_id, JobStatus(grpc.StatusCode.CANCELLED, "the caller cancelled"))
+        )
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
