@@ -19,7 +19,6 @@ from typing import Protocol
 import grpc
 from PIL import Image
 
-from stylize.api import schedule
 from stylize.api.options import OptionsError
 from stylize.server.engine.records import Cancelled, NonFiniteLoss, Progress, Result, Started
 from stylize.v1 import stylize_pb2 as pb
@@ -153,13 +152,11 @@ class JobManager:
             running = self._running
         return QueueSnapshot(figures.depth, figures.capacity, running, self._workers, self.draining)
 
-    def estimate_run_seconds(self, request: JobRequest) -> float | None:
-        """Expected run time from the measured speed (None before the first iteration was measured)."""
+    def estimate_run_seconds(self, pixel_iterations: int) -> float | None:
+        """Expected run time of a job of this much work (output pixels x iterations, summed over its
+        scales), from the measured speed; None before the first iteration was measured."""
         speed = self.seconds_per_pixel_iteration
-        if speed is None:
-            return None
-        scales = schedule.plan_for(request.options, request.content.size)
-        return speed * sum(scale.pixels * scale.iterations for scale in scales)
+        return None if speed is None else speed * pixel_iterations
 
     async def drain(self, grace_seconds: float, cancel_wait_seconds: float = CANCEL_WAIT_SECONDS) -> None:
         """Refuse new jobs, let what this server holds finish for `grace_seconds` (or until end_grace()),

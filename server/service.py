@@ -163,7 +163,8 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         plan = schedule.plan_for(job_request.options, job_request.content.size)
         # Only a Stylize call lives as long as its job; SubmitJob's deadline covers the submission alone.
         remaining = context.time_remaining() if owned_by_call else None
-        estimate = manager.estimate_run_seconds(job_request) if remaining is not None else None
+        work = sum(scale.pixels * scale.iterations for scale in plan)
+        estimate = manager.estimate_run_seconds(work) if remaining is not None else None
         if remaining is not None and estimate is not None and remaining < DEADLINE_MARGIN * estimate:
             await self._reject(
                 context,
@@ -183,7 +184,7 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
                 owned_by_call=owned_by_call,
                 owner=owner,
                 limits=tenant.limits,
-                work=sum(scale.pixels * scale.iterations for scale in plan),
+                work=work,
             )
         )
         try:

@@ -12,8 +12,9 @@ The service talks to a Broker on the event loop; the workers (threads) take Leas
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +43,18 @@ class BrokerUnavailable(Exception):
     def __init__(self, broker: str, reason: str):
         super().__init__(f"job broker {broker} unavailable: {reason}")
         self.status = JobStatus(grpc.StatusCode.UNAVAILABLE, str(self))
+
+
+def call_soon_threadsafe(
+    loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object
+) -> None:
+    """Hand `callback` to the loop from a worker thread; nothing happens once the loop has closed
+    (shutdown: nobody is listening any more)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        if not loop.is_closed():
+            raise
 
 
 @dataclass(frozen=True)

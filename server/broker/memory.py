@@ -23,7 +23,17 @@ from stylize.server.convert import JobRequest
 from stylize.server.errors import JobStatus
 from stylize.v1 import stylize_pb2 as pb
 
-from . import FINAL_STATES, SHUTDOWN, JobEnd, JobOwner, QueueFigures, Rejected, over_tenant_limit, work_window
+from . import (
+    FINAL_STATES,
+    SHUTDOWN,
+    JobEnd,
+    JobOwner,
+    QueueFigures,
+    Rejected,
+    call_soon_threadsafe,
+    over_tenant_limit,
+    work_window,
+)
 
 # Events a slow watcher may have pending before its oldest pending progress events are dropped (it sees
 # the gap in `sequence`); queued/started/completed are never dropped.
@@ -214,12 +224,7 @@ class MemoryBroker:
         pass
 
     def call_soon(self, callback: Callable[..., object], *args: object) -> None:
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:
-            if not self._loop.is_closed():
-                raise
-            # The loop closed under us during shutdown; nobody is listening any more.
+        call_soon_threadsafe(self._loop, callback, *args)
 
     # ------------------------------------------------------------ loop side
 

@@ -66,6 +66,7 @@ from . import (
     JobOwner,
     QueueFigures,
     Rejected,
+    call_soon_threadsafe,
     over_tenant_limit,
     work_window,
 )
@@ -496,27 +497,25 @@ class RedisBroker:
         return self._figures
 
     def call_soon(self, callback: Callable[..., object], *args: object) -> None:
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:
-            if not self._loop.is_closed():
-                raise
+        call_soon_threadsafe(self._loop, callback, *args)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def mark_down(self, error: BaseException) -> None:
+    def mark_down(self, error: RedisError) -> None:
+        """After a call failed: a connection problem marks the broker down for every call (they then fail
+        fast); a refused command is that call's error only."""
+        if not isinstance(error, RedisConnectionError | RedisTimeoutError):
+            return
         if self._available:
             log.error("job broker %s unavailable: %s", self.name, error)
         self._available = False
 
     def _unavailable(self, error: RedisError) -> BrokerUnavailable:
-        """The error for a call that Redis did not answer; only a connection problem (not a refused
-        command) marks the broker down for every call."""
-        if isinstance(error, RedisConnectionError | RedisTimeoutError):
-            self.mark_down(error)
+        """The error for a call that Redis did not answer."""
+        self.mark_down(error)
         return BrokerUnavailable(self.name, str(error) or type(error).__name__)
 
     async def start(self) -> None:
