@@ -275,6 +275,11 @@ MAX_RELATIVE_WEIGHT = 1e6
 ECHO_CHARACTERS = 40
 
 
+def one_line(text: object) -> str:
+    """`text` with every run of whitespace, newlines included, as one space: for one-line messages."""
+    return " ".join(str(text).split())
+
+
 def _echo(value: object) -> str:
     text = repr(value)
     return text if len(text) <= ECHO_CHARACTERS else text[: ECHO_CHARACTERS - 3] + "..."
@@ -474,3 +479,25 @@ def validate(
     _check_styles(found, limits, styles, style_weights)
     if found:
         raise OptionsError(list(found))
+
+
+# Longest client_tag (the caller's label for its logs), in characters.
+MAX_CLIENT_TAG = 128
+
+
+def client_tag_violations(tag: str) -> list[FieldViolation]:
+    if len(tag) <= MAX_CLIENT_TAG:
+        return []
+    return [FieldViolation("client_tag", f"at most {MAX_CLIENT_TAG} characters, got {len(tag)}")]
+
+
+def preview_violations(preview: PreviewOptions, limits: Limits) -> list[FieldViolation]:
+    """The rules for previews; field paths relative to PreviewOptions ("every")."""
+    found = _Violations()
+    if not (_whole(preview.every, 0) and preview.every <= limits.max_iterations):
+        found.add("every", f"must be an integer in [0, {limits.max_iterations}], got {preview.every}")
+    if not (_whole(preview.max_size, 0) and preview.max_size <= limits.max_size):
+        found.add("max_size", f"must be an integer in [0, {limits.max_size}], got {preview.max_size}")
+    if not (_whole(preview.quality, 1) and preview.quality <= 100):
+        found.add("quality", f"must be an integer in [1, 100], got {preview.quality}")
+    return list(found)

@@ -30,6 +30,7 @@ from typing import Any, NoReturn, TextIO
 
 from tqdm import tqdm
 
+from stylize.api.options import one_line
 from stylize.api.presets import INTERACTIVE_PRESET, PRESETS
 from stylize.client.channel import DEFAULT_TARGET, SERVER_ENV, TOKEN_ENV, tls_credentials
 from stylize.client.client import EventStream, StylizeClient
@@ -340,14 +341,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _fail(message: str, code: int, *, as_json: bool, error: StylizeError | None = None) -> int:
-    print(f"stylize: error: {_one_line(message)}", file=sys.stderr)
+    print(f"stylize: error: {one_line(message)}", file=sys.stderr)
     if as_json:
-        record: dict[str, Any] = {"event": "error", "exit_code": code, "message": _one_line(message)}
+        record: dict[str, Any] = {"event": "error", "exit_code": code, "message": one_line(message)}
         if error is not None:
             record["error"] = type(error).__name__
             record["violations"] = [asdict(v) for v in getattr(error, "violations", [])]

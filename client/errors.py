@@ -25,7 +25,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from stylize.api.options import FieldViolation
+from stylize.api.options import FieldViolation, one_line
 
 
 class StylizeError(Exception):
@@ -135,14 +135,10 @@ def retry_after(error: grpc.RpcError) -> float | None:
     return None
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def error_from_rpc(error: grpc.RpcError) -> StylizeError:
     """The StylizeError for a failed call (sync or grpc.aio)."""
     code: grpc.StatusCode = error.code()
-    details = _one_line(error.details() or code.name.lower().replace("_", " "))
+    details = one_line(error.details() or code.name.lower().replace("_", " "))
     cls = _CLASS_BY_CODE.get(code, JobFailed)
     if cls is InvalidArgument:
         return InvalidArgument(details, field_violations(error), code=code)

@@ -16,14 +16,14 @@ can change them.
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any
 
-from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 
+from stylize.api import wire
 from stylize.api.options import (
     ALIASES,
     DEFAULT_PREVIEW,
@@ -35,6 +35,7 @@ from stylize.api.options import (
     layer_names,
 )
 from stylize.api.presets import PRESETS, unknown_preset
+from stylize.api.wire import IMAGE_FORMATS
 from stylize.client.errors import InvalidArgument
 from stylize.v1 import stylize_pb2
 
@@ -73,7 +74,6 @@ HELP: dict[str, str] = {
     "quality": "JPEG/WebP quality 1..100",
 }
 
-IMAGE_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 # Every layer name a server may accept: each backbone's, and their Keras aliases.
 KNOWN_LAYERS: frozenset[str] = frozenset(
     name for backbone in LAYERS for name in (*LAYERS[backbone], *ALIASES[backbone])
@@ -128,23 +128,6 @@ PREVIEW_OPTIONS: dict[str, OptionSpec] = _specs(DEFAULT_PREVIEW, stylize_pb2.Pre
 _UNSIGNED_MAX = {FieldDescriptor.TYPE_UINT32: 2**32 - 1, FieldDescriptor.TYPE_UINT64: 2**64 - 1}
 
 
-def _enum_prefix(enum: EnumDescriptor) -> str:
-    """ "STYLE_LOSS_" for StyleLoss: the proto's values are PREFIX + the engine's value in capitals."""
-    return str(enum.values_by_number[0].name).removesuffix("UNSPECIFIED")
-
-
-def enum_to_proto(enum: EnumDescriptor, choice: str) -> int:
-    return int(enum.values_by_name[_enum_prefix(enum) + choice.upper()].number)
-
-
-def enum_from_proto(enum: EnumDescriptor, number: int) -> str | None:
-    """The engine's choice for a proto enum number; None for UNSPECIFIED (or a value this client lacks)."""
-    value = enum.values_by_number.get(number)
-    if value is None or number == 0:
-        return None
-    return str(value.name).removeprefix(_enum_prefix(enum)).lower()
-
-
 def parse_layers(value: object, field: str) -> tuple[Layers, list[FieldViolation]]:
     """Layers given as "relu4_2", "relu4_2:0.5", ("relu4_2", 0.5), or an iterable of those."""
     items: Iterable[object] = [value] if isinstance(value, str) else value  # type: ignore[assignment]
@@ -182,14 +165,14 @@ def parse_layers(value: object, field: str) -> tuple[Layers, list[FieldViolation
 
 
 def _check_scalar(spec: OptionSpec, value: object, field: str) -> tuple[object, FieldViolation | None]:
-    """The value as the proto field takes it, or a violation."""
+    """The value as the options record holds it (a choice by its lower-case name), or a violation."""
     if issubclass(spec.kind, StrEnum) or spec.choices:
         choice = value.value if isinstance(value, StrEnum) else value
         if not isinstance(choice, str) or choice.lower() not in spec.choices:
             return None, FieldViolation(
                 field, f"unknown choice {value!r}; expected one of {', '.join(spec.choices)}"
             )
-        return enum_to_proto(spec.field.enum_type, choice.lower()), None
+        return choice.lower(), None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None, FieldViolation(field, f"must be a number, got {value!r}")
     if spec.kind is int:
@@ -207,8 +190,14 @@ def _check_scalar(spec: OptionSpec, value: object, field: str) -> tuple[object, 
     return float(value), None
 
 
-def _fill(message: Any, specs: dict[str, OptionSpec], values: Mapping[str, object], prefix: str) -> None:
+def _fill(
+    message: stylize_pb2.StyleOptions | stylize_pb2.PreviewOptions,
+    specs: dict[str, OptionSpec],
+    values: Mapping[str, object],
+    prefix: str,
+) -> None:
     violations: list[FieldViolation] = []
+    checked: dict[str, object] = {}
     for name, value in values.items():
         field = f"{prefix}.{name}"
         spec = specs.get(name)
@@ -217,14 +206,14 @@ def _fill(message: Any, specs: dict[str, OptionSpec], values: Mapping[str, objec
         elif spec.kind is tuple:
             layers, problems = parse_layers(value, field)
             violations += problems
-            for layer, weight in layers:
-                getattr(message, name).add(layer=layer, weight=weight)
+            checked[name] = layers
         else:
             converted, problem = _check_scalar(spec, value, field)
             if problem is None:
-                setattr(message, name, converted)
+                checked[name] = converted
             else:
                 violations.append(problem)
+    wire.set_fields(message, checked)
     if violations:
         raise InvalidArgument.of(violations)
 
@@ -243,37 +232,11 @@ def preview_options_to_proto(options: Mapping[str, object]) -> stylize_pb2.Previ
     return message
 
 
-def _shortest_float32(value: float) -> float:
-    """The shortest decimal that is the same float32: 0.02 comes back as 0.02, not 0.019999999552965164."""
-    single: float = struct.unpack("f", struct.pack("f", value))[0]
-    for digits in range(1, 10):
-        candidate = float(f"{single:.{digits}g}")
-        if struct.unpack("f", struct.pack("f", candidate))[0] == single:
-            return candidate
-    return single
-
-
-def _from_proto(message: Any, specs: dict[str, OptionSpec]) -> dict[str, object]:
-    values: dict[str, object] = {}
-    for name, spec in specs.items():
-        if spec.kind is tuple:
-            if getattr(message, name):
-                values[name] = tuple((lw.layer, lw.weight) for lw in getattr(message, name))
-        elif spec.field.enum_type is not None:
-            choice = enum_from_proto(spec.field.enum_type, getattr(message, name))
-            if choice is not None:
-                values[name] = spec.kind(choice) if issubclass(spec.kind, StrEnum) else choice
-        elif message.HasField(name):
-            value = getattr(message, name)
-            values[name] = (
-                _shortest_float32(value) if spec.field.type == FieldDescriptor.TYPE_FLOAT else value
-            )
-    return values
-
-
 def style_options_from_proto(message: stylize_pb2.StyleOptions) -> dict[str, object]:
-    """The options set in a StyleOptions message, by engine name (enums as the engine's StrEnums)."""
-    return _from_proto(message, STYLE_OPTIONS)
+    """The options set in a StyleOptions message, by engine name (enums as the engine's StrEnums); a
+    choice this client does not know (a newer server's) is left out."""
+    values, _unknown = wire.values_from_proto(message, "options")
+    return values
 
 
 def check_preset(name: object) -> str:
@@ -286,13 +249,16 @@ def check_preset(name: object) -> str:
 
 
 def image_format_to_proto(name: str, field: str) -> stylize_pb2.ImageFormat:
-    if name.lower() not in IMAGE_FORMATS:
+    try:
+        return wire.image_format_to_proto(name.lower())
+    except ValueError:
         problem = f"unknown format {name!r}; expected one of {', '.join(IMAGE_FORMATS)}"
-        raise InvalidArgument.of([FieldViolation(field, problem)])
-    # The enum's number; ImageFormat is an int to the stubs as well.
-    return cast(stylize_pb2.ImageFormat, enum_to_proto(stylize_pb2.ImageFormat.DESCRIPTOR, name.lower()))
+        raise InvalidArgument.of([FieldViolation(field, problem)]) from None
 
 
 def image_format_from_proto(number: int) -> str:
-    """ "png", "jpeg" or "webp"; PNG for UNSPECIFIED, the API's default encoding."""
-    return enum_from_proto(stylize_pb2.ImageFormat.DESCRIPTOR, number) or "png"
+    """ "png", "jpeg" or "webp"; PNG for UNSPECIFIED or a format this client does not know."""
+    try:
+        return wire.image_format_from_proto(number) or "png"
+    except KeyError:
+        return "png"

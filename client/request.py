@@ -15,7 +15,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from stylize.api.options import FieldViolation
+from stylize.api.options import FieldViolation, client_tag_violations
+from stylize.api.wire import PIL_FORMATS
 from stylize.client.errors import InvalidArgument
 from stylize.client.options import (
     check_preset,
@@ -29,8 +30,6 @@ ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Im
 # A style image, or (style image, relative weight).
 StyleSource = ImageSource | tuple[ImageSource, float]
 
-WIRE_FORMATS = ("PNG", "JPEG", "WEBP")
-MAX_CLIENT_TAG = 128
 # Keywords of stylize()/submit() that shape previews, mapped onto PreviewOptions' fields.
 PREVIEW_KEYWORDS = {
     "preview_every": "every",
@@ -61,7 +60,7 @@ def _checked(data: bytes) -> bytes:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except UnidentifiedImageError:
         raise _Problem("is not an image (PNG, JPEG or WebP expected)") from None
-    return data if image.format in WIRE_FORMATS else _png(image)
+    return data if image.format in PIL_FORMATS else _png(image)
 
 
 def encode_image(source: object) -> bytes:
@@ -131,9 +130,7 @@ def build_request(
         request.preset = check_preset(preset)
     except InvalidArgument as error:
         violations += error.violations
-    if len(client_tag) > MAX_CLIENT_TAG:
-        too_long = f"is {len(client_tag)} characters; at most {MAX_CLIENT_TAG}"
-        violations.append(FieldViolation("client_tag", too_long))
+    violations += client_tag_violations(client_tag)
     preview = {PREVIEW_KEYWORDS[k]: settings.pop(k) for k in list(settings) if k in PREVIEW_KEYWORDS}
     preview = {name: value for name, value in preview.items() if value is not None}
     options = {name: value for name, value in settings.items() if value is not None}

@@ -13,21 +13,14 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stylize.api.options import FieldViolation, OptionsError
-
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
-ENCODINGS = ("png", "jpeg", "webp")
-
+from stylize.api.options import FieldViolation, OptionsError, one_line
+from stylize.api.wire import IMAGE_FORMATS, PIL_FORMATS
 
 # PIL reports truncated or corrupt streams, in the header (at open) as well as in the pixel data (at load),
 # with whatever its parser hit: OSError ("image file is truncated", "could not create decoder object"),
 # SyntaxError (broken PNG chunks), ValueError ("Truncated IHDR chunk"), struct.error, EOFError, ... Every
 # exception while decoding untrusted bytes means "this image is unusable", never a server error.
 _CORRUPT = "could not be decoded (truncated or corrupt)"
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def _reject(field: str, description: str) -> OptionsError:
@@ -44,14 +37,14 @@ def decode_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) ->
         with warnings.catch_warnings():
             # Our own pixel limit (below) is stricter than PIL's warning threshold.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except Image.DecompressionBombError:
         # PIL refuses headers over twice its own threshold before we can read the size.
         raise _reject(field, f"has more than {max_pixels} pixels (a decompression bomb)") from None
     except UnidentifiedImageError:
         raise _reject(field, "is not a PNG, JPEG or WebP image") from None
     except Exception as error:  # see _CORRUPT
-        raise _reject(field, f"{_CORRUPT}: {_one_line(error)}") from None
+        raise _reject(field, f"{_CORRUPT}: {(one_line(error)[:200] or type(error).__name__)}") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise _reject(field, f"has an empty size {width}x{height}")
@@ -63,7 +56,7 @@ def decode_image(data: bytes, field: str, *, max_bytes: int, max_pixels: int) ->
         # alpha are left to the engine's pil_to_tensor (one policy for every caller).
         upright = ImageOps.exif_transpose(image)
     except Exception as error:  # see _CORRUPT
-        raise _reject(field, f"{_CORRUPT}: {_one_line(error)}") from None
+        raise _reject(field, f"{_CORRUPT}: {(one_line(error)[:200] or type(error).__name__)}") from None
     return upright
 
 
@@ -87,5 +80,5 @@ def encode_image(image: Image.Image, encoding: str, *, quality: int = 85, max_si
     elif encoding == "webp":
         image.save(buffer, format="WEBP", quality=quality, method=4)
     else:
-        raise ValueError(f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
+        raise ValueError(f"unknown encoding {encoding!r}; expected one of {', '.join(IMAGE_FORMATS)}")
     return buffer.getvalue()

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 
-from stylize.api import schedule
+from stylize.api import schedule, wire
 from stylize.api.options import DEFAULTS, ECHO_CHARACTERS, LAYERS, Backbone, FieldViolation, OptionsError
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
@@ -356,7 +356,7 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         limits = self._config.limits
         info = pb.ServerInfo(
             version=version(),
-            default_options=convert.options_to_proto(DEFAULTS),
+            default_options=wire.options_to_proto(DEFAULTS),
             available_layers=LAYERS[DEFAULTS.backbone],
             limits=pb.Limits(
                 max_size=limits.max_size,

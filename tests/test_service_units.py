@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 from redisproc import RedisProcess
 from serverproc import png_bytes, stylize_request
 
+from stylize.api import wire
 from stylize.api.options import DEFAULT_LIMITS, DEFAULTS, Optimizer, OptionsError, Pooling
 from stylize.server import convert, jobs
 from stylize.server.auth import Tenant, TenantLimits
@@ -452,7 +453,7 @@ def test_unset_options_take_the_engine_defaults_and_set_zeros_stay_zero() -> Non
 
 
 def test_default_options_survive_a_round_trip_through_the_proto() -> None:
-    message = convert.options_to_proto(DEFAULTS)
+    message = wire.options_to_proto(DEFAULTS)
     assert all(message.HasField(f) for f in ("size", "scale_factor", "seed", "lbfgs_history"))
     back = convert.options_from_proto(message)
     assert back.optimizer == Optimizer.LBFGS and back.style_layers == DEFAULTS.style_layers
