@@ -38,7 +38,7 @@ class JobRequest:
     """A decoded, validated request: what a worker needs to run the job (no protos, no tensors)."""
 
     content: Image.Image
-    # (image, blend weight); the weights sum to 1.
+    # (image, blend weight as given); the engine makes the weights shares.
     styles: tuple[tuple[Image.Image, float], ...]
     options: StyleOptions
     preview: PreviewOptions
@@ -138,12 +138,9 @@ def request_from_proto(request: pb.StylizeRequest, limits: Limits) -> JobRequest
 
     if violations or content is None or len(style_images) != len(request.styles):
         raise OptionsError(violations)
-    total = sum(style_weights)
     return JobRequest(
         content=content,
-        styles=tuple(
-            (image, weight / total) for image, weight in zip(style_images, style_weights, strict=True)
-        ),
+        styles=tuple(zip(style_images, style_weights, strict=True)),
         options=with_canonical_layers(options),
         preview=preview,
         output_encoding=output_encoding,

@@ -139,10 +139,10 @@ def test_layer_weights_are_relative() -> None:
     assert LayerSum({"x": ContentLoss(a)}, {"x": 0.0})({"x": b}).item() == 0
 
 
-def test_blend_averages_statistics_by_normalized_weight() -> None:
+def test_blend_averages_statistics_by_share() -> None:
     x, y = torch.ones(2, 2), torch.zeros(2, 2)
-    assert torch.allclose(blend([x, y], [3.0, 1.0]), torch.full((2, 2), 0.75))
-    mean, moment = blend([(x[0], x), (y[0], y)], [1.0, 1.0])
+    assert torch.allclose(blend([x, y], [0.75, 0.25]), torch.full((2, 2), 0.75))
+    mean, moment = blend([(x[0], x), (y[0], y)], [0.5, 0.5])
     assert torch.allclose(mean, torch.full((2,), 0.5)) and torch.allclose(moment, torch.full((2, 2), 0.5))
 
 

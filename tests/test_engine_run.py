@@ -136,8 +136,10 @@ def test_several_styles_blend_by_weight(content, style, extractor) -> None:
     _, only_first = run(content, [(style, 1.0), (other, 0.0)], options, extractor)
     _, alone = run(content, [(style, 1.0)], options, extractor)
     _, mixed = run(content, [(style, 1.0), (other, 3.0)], options, extractor)
+    _, scaled = run(content, [(style, 0.5), (other, 1.5)], options, extractor)
     assert torch.equal(only_first.image, alone.image)  # weight 0 contributes nothing
     assert not torch.equal(mixed.image, alone.image)
+    assert torch.allclose(scaled.image, mixed.image, atol=1e-5)  # only the weights' ratio counts
 
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])

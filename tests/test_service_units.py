@@ -472,11 +472,11 @@ def test_a_request_with_several_problems_reports_all_of_them() -> None:
     assert {"options.size", "options.style_layers[0].weight", "styles[1].weight", "preview.every"} <= fields
 
 
-def test_style_weights_are_normalized_and_images_kept_upright() -> None:
+def test_style_weights_default_to_one_and_images_are_kept_upright() -> None:
     request = stylize_request()
     request.styles.add(image=png_bytes(6, (32, 40)), weight=3.0)
     job = convert.request_from_proto(request, DEFAULT_LIMITS)
-    assert [weight for _, weight in job.styles] == [0.25, 0.75]
+    assert [weight for _, weight in job.styles] == [1.0, 3.0]
     assert job.content.size == (64, 64) and job.styles[1][0].size == (32, 40)
     assert job.output_encoding == "png" and job.preview.every == 0
 

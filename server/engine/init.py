@@ -22,7 +22,8 @@ def _generator(seed: int) -> torch.Generator:
 def initial_image(
     init: Init, content: Tensor, styles: Sequence[tuple[Tensor, float]], *, seed: int
 ) -> Tensor:
-    """[C, H, W] in [0, 1], shaped like `content` (already at the first scale's size).
+    """[C, H, W] in [0, 1], shaped like `content` (already at the first scale's size); `styles` are
+    (image, share) pairs whose shares sum to 1.
 
     - content: the content itself;
     - noise: uniform noise;
@@ -36,11 +37,10 @@ def initial_image(
         return torch.rand(tuple(content.shape), generator=_generator(seed)).to(content.device)
     if init == Init.GRAY:
         return torch.full_like(content, 0.5)
-    total = sum(weight for _, weight in styles)
     # sum() of tensors is a tensor (there is at least one style); mypy sees `Tensor | Literal[0]`.
-    mean = cast(Tensor, sum(style.mean(dim=(1, 2)) * (weight / total) for style, weight in styles))
+    mean = cast(Tensor, sum(style.mean(dim=(1, 2)) * share for style, share in styles))
     # Population statistics (correction 0): a one-pixel style has spread 0, not the NaN of n - 1 = 0.
-    spreads = (style.std(dim=(1, 2), correction=0) * (weight / total) for style, weight in styles)
+    spreads = (style.std(dim=(1, 2), correction=0) * share for style, share in styles)
     std = cast(Tensor, sum(spreads))
     normal = torch.randn(tuple(content.shape), generator=_generator(seed)).to(content.device)
     return (normal * std[:, None, None] + mean[:, None, None]).clamp(0, 1)

@@ -77,10 +77,8 @@ def mean_and_second_moment(features: Tensor) -> tuple[Tensor, Tensor]:
 Statistic = TypeVar("Statistic", Tensor, tuple[Tensor, ...])
 
 
-def blend(statistics: Sequence[Statistic], weights: Sequence[float]) -> Statistic:
-    """Weighted average of one layer's statistics from several style images (weights normalized)."""
-    total = sum(weights)
-    shares = [w / total for w in weights]
+def blend(statistics: Sequence[Statistic], shares: Sequence[float]) -> Statistic:
+    """Weighted average of one layer's statistics from several style images; the shares sum to 1."""
     # sum() of tensors is a tensor (there is at least one statistic); mypy sees `Tensor | Literal[0]`.
     if isinstance(statistics[0], Tensor):
         return cast(Tensor, sum(s * share for s, share in zip(statistics, shares, strict=True)))

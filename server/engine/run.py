@@ -173,6 +173,7 @@ class _Job:
         self.smallest = max((downsampling(name, o.backbone) for name in self.layers), default=1)
 
         self.content = content.to(device, torch.float32)[None]
+        # The one place blend weights become shares that sum to 1 (validate() made the sum positive).
         total = sum(weight for _, weight in styles)
         self.styles = [(style.to(device, torch.float32)[None], weight / total) for style, weight in styles]
         if o.color == ColorMode.HISTOGRAM:
