@@ -20,6 +20,11 @@ from stylize.api.options import FieldViolation, OptionsError
 
 log = logging.getLogger(__name__)
 
+# The server learns a deadline as a timeout relative to the request's arrival, so its copy ends slightly after
+# the client's: a caller whose deadline passed usually cancels (RST_STREAM) before the server's timer fires.
+# A call that ends this close to its deadline counts as deadline exceeded.
+DEADLINE_SKEW_SECONDS = 0.5
+
 
 @dataclass(frozen=True)
 class JobStatus:
@@ -61,6 +66,13 @@ class JobStatus:
             packed.Pack(retry)
             detail.details.append(packed)
         return rpc_status.to_status(detail)
+
+
+def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    """Whether a call that ended (its handler cancelled) ran out of its deadline, rather than being
+    cancelled or dropped by its caller: the call had a deadline and was within DEADLINE_SKEW_SECONDS of it."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= DEADLINE_SKEW_SECONDS
 
 
 async def abort(context: grpc.aio.ServicerContext, status: JobStatus) -> None:

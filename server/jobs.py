@@ -50,6 +50,15 @@ STATE_STATUS = {
 }
 
 
+def outcome_status(state: int, status: JobStatus | None) -> str:
+    """The stylize_jobs `status` label of a job that ended in `state`: a job stopped because its caller's
+    deadline passed is "deadline_exceeded" (the server did not finish in time), not "cancelled" (the
+    caller's choice), whatever state its watchers see."""
+    if status is not None and status.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "deadline_exceeded"
+    return STATE_STATUS.get(state, "failed")
+
+
 class Executor(Protocol):
     """What the workers need from the runtime: a device per worker and a way to run the engine."""
 
@@ -218,7 +227,7 @@ class JobManager:
             finally:
                 with self._lock:
                     self._running -= 1
-            status = STATE_STATUS.get(outcome.state, "failed")
+            status = outcome_status(outcome.state, outcome.status)
             reason = "ok" if outcome.status is None else outcome.status.outcome_reason
             self._metrics.jobs.labels(status, reason, lease.request.options.backbone.value).inc()
             audit(lease, status, reason, time.monotonic() - began)

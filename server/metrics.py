@@ -28,6 +28,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from .errors import deadline_passed
+
 log = logging.getLogger(__name__)
 
 # Jobs run for seconds to minutes, and may wait about as long.
@@ -56,7 +58,8 @@ class ServiceMetrics:
         self.registry = registry
         self.jobs = Counter(
             "stylize_jobs",
-            "Jobs by outcome: status, the reason (ok, queue_full, oom, deadline, ...) and the backbone.",
+            "Jobs by outcome: status (succeeded, failed, cancelled, deadline_exceeded, rejected), the reason "
+            "(ok, queue_full, oom, deadline, ...) and the backbone.",
             ["status", "reason", "arch"],
             registry=registry,
         )
@@ -343,8 +346,13 @@ class _CallRecorder:
             if error is None:
                 code = grpc.StatusCode.OK
             elif isinstance(error, asyncio.CancelledError):
-                # The caller cancelled, disconnected or ran out of time: the handler only sees cancellation.
-                code = grpc.StatusCode.CANCELLED
+                # The caller cancelled, disconnected or ran out of time: the handler only sees cancellation,
+                # and the deadline tells the last apart.
+                code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                    if deadline_passed(context)
+                    else grpc.StatusCode.CANCELLED
+                )
             else:
                 code = grpc.StatusCode.UNKNOWN
         if isinstance(code, int):  # aio contexts may hold the raw cygrpc integer

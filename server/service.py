@@ -37,8 +37,8 @@ from . import convert
 from .auth import Tenant, current_tenant, token_digest
 from .broker import SHUTDOWN, BrokerUnavailable, JobEnd, JobOwner, Rejected, over_tenant_limit
 from .config import ServerConfig
-from .errors import JobStatus, abort
-from .jobs import JobManager
+from .errors import JobStatus, abort, deadline_passed
+from .jobs import JobManager, outcome_status
 from .metrics import ServiceMetrics
 from .runtime import Model, Runtime
 
@@ -46,10 +46,6 @@ log = logging.getLogger(__name__)
 
 # Fraction of the estimated run time a deadline must at least allow (see the module docstring).
 DEADLINE_MARGIN = 0.5
-# The server learns a deadline as a timeout relative to the request's arrival, so its copy ends slightly after
-# the client's: a caller whose deadline passed usually cancels (RST_STREAM) before the server's timer fires.
-# A call that ends this close to its deadline counts as deadline exceeded.
-DEADLINE_SKEW_SECONDS = 0.5
 WATCH_TOKEN_BYTES = 16
 # What a job id looks like (uuid4().hex).
 JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -239,8 +235,7 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
     def _caller_left(self, job_id: str, context: grpc.aio.ServicerContext) -> None:
         """A Stylize caller went away before its job finished: cancel it unless others watch. Runs as a
         task of its own: the call's task is being cancelled."""
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= DEADLINE_SKEW_SECONDS:
+        if deadline_passed(context):
             status = JobStatus(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed", reason="deadline"
             )
@@ -275,7 +270,9 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
     async def _cancel(self, job_id: str, status: JobStatus) -> None:
         if await self._manager().broker.cancel(job_id, status):
             # Ended while still queued: no worker saw it, so the count is made here.
-            self._metrics.jobs.labels("cancelled", status.outcome_reason, "").inc()
+            self._metrics.jobs.labels(
+                outcome_status(pb.JOB_STATE_CANCELLED, status), status.outcome_reason, ""
+            ).inc()
 
     async def _find(
         self, job_id: str, context: grpc.aio.ServicerContext, *, watch_token: str | None = None

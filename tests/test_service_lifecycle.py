@@ -26,6 +26,7 @@ from serverproc import (
     sample,
     scrape,
     stylize_request,
+    wait_until,
 )
 
 from stylize.v1 import stylize_pb2 as pb
@@ -92,7 +93,19 @@ def test_health_is_serving_only_after_the_parity_probe_and_a_first_deadline_canc
         seen = max(e.progress.iteration for e in events if e.HasField("progress"))
         last, code = final_iteration(stub, events[0].job_id)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED and last <= seen + CANCEL_SLACK
-        assert sample(scrape(server.metrics_url), "stylize_jobs_total", status="cancelled") == 1
+        # Counted as a deadline the server did not meet (what the error-rate alert sees), not as the
+        # caller's cancellation.
+        samples = scrape(server.metrics_url)
+        assert sample(samples, "stylize_jobs_total", status="deadline_exceeded", reason="deadline") == 1
+        assert sample(samples, "stylize_jobs_total", status="cancelled") is None
+
+        def handled(code: str) -> float | None:
+            return sample(
+                scrape(server.metrics_url), "grpc_server_handled_total", grpc_method="Stylize", grpc_code=code
+            )
+
+        wait_until(lambda: handled("DeadlineExceeded") == 1, 10)
+        assert handled("Canceled") == 0
 
 
 def test_a_full_queue_refuses_the_next_job_with_resource_exhausted(model_dir) -> None:

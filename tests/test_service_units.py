@@ -29,7 +29,14 @@ from stylize.server.engine.imageio import tensor_to_pil
 from stylize.server.engine.records import Cancelled, Losses, NonFiniteLoss, Progress, Result, Started
 from stylize.server.errors import InternalErrorInterceptor, JobStatus
 from stylize.server.main import server_options
-from stylize.server.metrics import GrpcMetricsInterceptor, ServiceMetrics, go_code_name, new_registry
+from stylize.server.metrics import (
+    GrpcMetrics,
+    GrpcMetricsInterceptor,
+    ServiceMetrics,
+    _CallRecorder,
+    go_code_name,
+    new_registry,
+)
 from stylize.server.service import DecodeSlots
 from stylize.v1 import stylize_pb2 as pb
 
@@ -316,6 +323,28 @@ def test_a_running_job_is_cancelled_within_an_iteration(make_broker) -> None:
     assert end.status.code == grpc.StatusCode.CANCELLED and end.status.message == "test"
 
 
+def test_a_job_stopped_by_its_callers_deadline_counts_as_deadline_exceeded_not_cancelled(make_broker) -> None:
+    async def scenario():
+        metrics = ServiceMetrics(new_registry())
+        manager = await start_manager(FakeEngine(iterations=1000), make_broker, metrics)
+        job_id, _ = await submit(manager)
+        async for item in manager.broker.follow(job_id):
+            if isinstance(item, pb.JobEvent) and item.HasField("progress"):
+                break
+        passed = JobStatus(
+            grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed", reason="deadline"
+        )
+        await manager.broker.cancel(job_id, passed)
+        state = await asyncio.wait_for(manager.broker.wait_finished(job_id), 10)
+        await stop_manager(manager)
+        return state, generate_latest(metrics.registry).decode()
+
+    state, text = asyncio.run(scenario())
+    assert state == pb.JOB_STATE_CANCELLED  # what watchers see: the job was stopped
+    assert 'stylize_jobs_total{arch="vgg19",reason="deadline",status="deadline_exceeded"} 1.0' in text
+    assert 'status="cancelled"' not in text
+
+
 def test_cancelling_a_queued_job_frees_its_place_at_once(make_broker) -> None:
     async def scenario():
         engine = FakeEngine(iterations=2)
@@ -490,6 +519,31 @@ def test_grpc_codes_are_named_as_go_grpc_prometheus_names_them() -> None:
     assert go_code_name(grpc.StatusCode.INVALID_ARGUMENT) == "InvalidArgument"
     assert go_code_name(grpc.StatusCode.RESOURCE_EXHAUSTED) == "ResourceExhausted"
     assert go_code_name(grpc.StatusCode.DEADLINE_EXCEEDED) == "DeadlineExceeded"
+
+
+class EndedContext:
+    """What _CallRecorder reads of a call whose handler was cancelled: no code set, the time left."""
+
+    def __init__(self, remaining: float | None):
+        self.remaining = remaining
+
+    def code(self) -> None:
+        return None
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+@pytest.mark.parametrize(
+    ("remaining", "expected"),
+    [(None, "Canceled"), (30.0, "Canceled"), (0.2, "DeadlineExceeded"), (-0.1, "DeadlineExceeded")],
+)
+def test_a_cancelled_call_at_its_deadline_is_counted_deadline_exceeded(remaining, expected) -> None:
+    registry = new_registry()
+    recorder = _CallRecorder(GrpcMetrics(registry), ("server_stream", "stylize.v1.StyleTransfer", "Stylize"))
+    recorder.finish(EndedContext(remaining), asyncio.CancelledError())
+    text = generate_latest(registry).decode()
+    assert f'grpc_server_handled_total{{grpc_code="{expected}",grpc_method="Stylize"' in text
 
 
 def test_the_broker_flag_takes_memory_or_a_redis_url() -> None:
