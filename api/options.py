@@ -406,6 +406,17 @@ def _check_styles(
         found.add("styles", "the style weights sum to 0; at least one must be positive")
 
 
+@dataclass(frozen=True)
+class CheckedOptions:
+    """What validate() accepted: the options (Keras aliases replaced by our layer names) for a content
+    image of `content_size` and `styles` style images (None: not checked against one). The engine runs
+    these without checking them again."""
+
+    options: StyleOptions
+    content_size: tuple[int, int] | None
+    styles: int | None
+
+
 def validate(
     options: StyleOptions,
     limits: Limits = DEFAULT_LIMITS,
@@ -413,7 +424,7 @@ def validate(
     content_size: tuple[int, int] | None = None,
     styles: int | None = None,
     style_weights: Sequence[float] | None = None,
-) -> None:
+) -> CheckedOptions:
     """Check every rule and limit before any work; raise OptionsError listing ALL violations.
 
     Field paths are relative to StyleOptions ("size", "style_layers[1].layer"). The inputs are
@@ -479,6 +490,7 @@ def validate(
     _check_styles(found, limits, styles, style_weights)
     if found:
         raise OptionsError(list(found))
+    return CheckedOptions(with_canonical_layers(options), content_size, styles)
 
 
 # Longest client_tag (the caller's label for its logs), in characters.

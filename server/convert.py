@@ -16,13 +16,12 @@ from stylize.api import options as engine_options
 from stylize.api import wire
 from stylize.api.options import (
     DEFAULT_PREVIEW,
-    DEFAULTS,
+    CheckedOptions,
     FieldViolation,
     Limits,
     OptionsError,
     PreviewOptions,
     StyleOptions,
-    with_canonical_layers,
 )
 from stylize.api.presets import PRESETS, apply_preset, unknown_preset
 from stylize.server.engine.records import Losses, Progress, Started
@@ -40,10 +39,14 @@ class JobRequest:
     content: Image.Image
     # (image, blend weight as given); the engine makes the weights shares.
     styles: tuple[tuple[Image.Image, float], ...]
-    options: StyleOptions
+    checked: CheckedOptions
     preview: PreviewOptions
     output_encoding: str
     client_tag: str
+
+    @property
+    def options(self) -> StyleOptions:
+        return self.checked.options
 
 
 def options_from_proto(message: pb.StyleOptions, path: str = "options", preset: str = "") -> StyleOptions:
@@ -106,14 +109,14 @@ def request_from_proto(request: pb.StylizeRequest, limits: Limits) -> JobRequest
     content, style_images = _decode_all(request, limits, violations)
     style_weights = wire.style_weights(request)
 
-    options = DEFAULTS
+    checked = None
     try:
         options = options_from_proto(request.options, preset=request.preset)
     except OptionsError as error:
         violations += error.violations
     else:
         try:
-            engine_options.validate(
+            checked = engine_options.validate(
                 options,
                 limits,
                 content_size=content.size if content else None,
@@ -136,12 +139,12 @@ def request_from_proto(request: pb.StylizeRequest, limits: Limits) -> JobRequest
         violations.append(FieldViolation("output_format", f"unknown enum value {request.output_format}"))
     violations += engine_options.client_tag_violations(request.client_tag)
 
-    if violations or content is None or len(style_images) != len(request.styles):
+    if violations or checked is None or content is None or len(style_images) != len(request.styles):
         raise OptionsError(violations)
     return JobRequest(
         content=content,
         styles=tuple(zip(style_images, style_weights, strict=True)),
-        options=with_canonical_layers(options),
+        checked=checked,
         preview=preview,
         output_encoding=output_encoding,
         client_tag=request.client_tag,

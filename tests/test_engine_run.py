@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stylize.api.options import DEFAULTS, Limits, OptionsError, StyleOptions
+from stylize.api.options import DEFAULTS, Limits, OptionsError, StyleOptions, validate
 from stylize.model.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine import color
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
@@ -323,3 +323,14 @@ def test_a_one_pixel_style_gives_finite_statistics(changes, content, extractor) 
     dot = torch.rand(3, 1, 1, generator=torch.Generator().manual_seed(1))
     _, result = run(content, [(dot, 1.0)], small(**changes), extractor)
     assert math.isfinite(result.losses.total) and torch.isfinite(result.image).all()
+
+
+def test_checked_options_run_unchecked_and_only_for_the_input_they_were_checked_for(
+    content, style, extractor
+) -> None:
+    size = (content.shape[-1], content.shape[-2])
+    checked = validate(small(), content_size=size, styles=1, style_weights=[1.0])
+    records = list(stylize(content, [(style, 1.0)], checked, extractor, device=torch.device("cpu")))
+    assert isinstance(records[-1], Result)
+    with pytest.raises(ValueError, match="checked for"):
+        stylize(content, [(style, 1.0), (style, 1.0)], checked, extractor, device=torch.device("cpu"))

@@ -31,3 +31,9 @@ def test_intra_op_threads_share_the_cores_unless_the_operator_says(model_dir) ->
     assert runtime.intra_op_threads(ServerConfig(model_dir=model_dir, workers=1)) == cores
     assert runtime.intra_op_threads(ServerConfig(model_dir=model_dir, workers=cores * 2)) == 1
     assert runtime.intra_op_threads(ServerConfig(model_dir=model_dir, workers=1, threads=3)) == 3
+
+
+def test_jobs_on_cuda_report_progress_every_few_iterations_and_on_the_cpu_every_one() -> None:
+    # A Progress record reads the losses back to the host: on CUDA that sync is kept off most iterations.
+    assert runtime.progress_every(torch.device("cuda", 1)) == runtime.CUDA_PROGRESS_EVERY > 1
+    assert runtime.progress_every(torch.device("cpu")) == 1

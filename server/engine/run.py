@@ -27,6 +27,7 @@ from stylize.api.options import (
     DEFAULT_LIMITS,
     LAYERS,
     Backbone,
+    CheckedOptions,
     ColorMode,
     FieldViolation,
     Limits,
@@ -37,7 +38,6 @@ from stylize.api.options import (
     StyleResize,
     downsampling,
     validate,
-    with_canonical_layers,
 )
 from stylize.server.engine import color, precision
 from stylize.server.engine.init import initial_image
@@ -67,7 +67,7 @@ def active_layers(options: StyleOptions) -> tuple[tuple[str, ...], tuple[str, ..
 def stylize(
     content: Tensor,
     styles: Sequence[tuple[Tensor, float]],
-    options: StyleOptions,
+    options: StyleOptions | CheckedOptions,
     extractor: Extractor,
     *,
     device: torch.device,
@@ -77,7 +77,9 @@ def stylize(
     limits: Limits = DEFAULT_LIMITS,
     progress_every: int = 1,
 ) -> Iterator[Started | Progress | Result]:
-    """Validate at once (OptionsError naming the fields), then return the generator of the job.
+    """Validate at once (OptionsError naming the fields), then return the generator of the job. Options
+    that validate() already returned (CheckedOptions, for this content's size and number of styles) are
+    not checked again.
 
     content: [3, H, W] RGB float in [0, 1]; styles: (image [3, h, w], blend weight) pairs.
     The generator yields a Started record (the plan and the precision), then a Progress per
@@ -90,28 +92,36 @@ def stylize(
     given by their Keras aliases.
     """
     violations = _image_violations(content, styles)
+    backbone = options.options.backbone if isinstance(options, CheckedOptions) else options.backbone
     arch = getattr(extractor, "arch", Backbone.VGG19)
-    if arch != options.backbone:
-        violations.append(
-            FieldViolation("backbone", f"is {options.backbone}, but this engine's network is {arch}")
-        )
-    try:
-        validate(
-            options,
-            limits,
-            content_size=None if violations else (content.shape[-1], content.shape[-2]),
-            styles=len(styles),
-            style_weights=[weight for _, weight in styles],
-        )
-    except OptionsError as error:
-        violations += error.violations
+    if arch != backbone:
+        violations.append(FieldViolation("backbone", f"is {backbone}, but this engine's network is {arch}"))
+    content_size = None if violations else (content.shape[-1], content.shape[-2])
+    if isinstance(options, CheckedOptions):
+        if not violations and (options.content_size, options.styles) != (content_size, len(styles)):
+            raise ValueError(
+                f"options were checked for {options.content_size} and {options.styles} style(s), "
+                f"not for {content_size} and {len(styles)}"
+            )
+        checked = options
+    else:
+        try:
+            checked = validate(
+                options,
+                limits,
+                content_size=content_size,
+                styles=len(styles),
+                style_weights=[weight for _, weight in styles],
+            )
+        except OptionsError as error:
+            violations += error.violations
     if violations:
         raise OptionsError(violations)
     if preview_every < 0 or progress_every < 1:
         raise ValueError(
             f"preview_every must be >= 0 and progress_every >= 1, got {preview_every}, {progress_every}"
         )
-    return _Job(content, styles, with_canonical_layers(options), extractor, device, targets, cancel).run(
+    return _Job(content, styles, checked.options, extractor, device, targets, cancel).run(
         preview_every, progress_every
     )
 
