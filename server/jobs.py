@@ -28,13 +28,12 @@ from .broker import Broker, BrokerUnavailable, Lease
 from .codec import encode_image, fit_within
 from .convert import JobRequest
 from .errors import JobStatus
+from .estimate import JobKind, RunTimeEstimator, network_depth
 from .metrics import ServiceMetrics, size_class
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("stylize.audit")
 
-# Weight of the newest iteration in the running seconds-per-pixel-iteration figure.
-SPEED_SMOOTHING = 0.2
 # After the grace period, how long cancelled jobs get to stop: one iteration, which at the largest sizes on
 # a CPU takes seconds.
 CANCEL_WAIT_SECONDS = 10.0
@@ -135,8 +134,8 @@ class JobManager:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._grace_cut = asyncio.Event()
-        # Seconds per output pixel per iteration, measured by the workers (None until the first iteration).
-        self.seconds_per_pixel_iteration: float | None = None
+        # Seconds per iteration, measured by the workers: what a job's run time is estimated from.
+        self.run_time = RunTimeEstimator()
         metrics.workers.set(workers)
         metrics.queue_capacity.set_function(lambda: broker.figures().capacity)
         metrics.queue_depth.set_function(lambda: broker.figures().depth)
@@ -160,12 +159,6 @@ class JobManager:
         with self._lock:
             running = self._running
         return QueueSnapshot(figures.depth, figures.capacity, running, self._workers, self.draining)
-
-    def estimate_run_seconds(self, pixel_iterations: int) -> float | None:
-        """Expected run time of a job of this much work (output pixels x iterations, summed over its
-        scales), from the measured speed; None before the first iteration was measured."""
-        speed = self.seconds_per_pixel_iteration
-        return None if speed is None else speed * pixel_iterations
 
     async def drain(self, grace_seconds: float, cancel_wait_seconds: float = CANCEL_WAIT_SECONDS) -> None:
         """Refuse new jobs, let what this server holds finish for `grace_seconds` (or until end_grace()),
@@ -284,8 +277,14 @@ class JobManager:
         backend, records = self._executor.run(request, lease.cancel, worker)
         previous = 0.0
         first_progress = True
+        kind: JobKind | None = None
+        # The previous progress record: (its scale, its iteration, its elapsed seconds).
+        last: tuple[int, int, float] | None = None
         for record in records:
             if isinstance(record, Started):
+                kind = JobKind(
+                    str(request.options.backbone), record.precision, network_depth(request.options)
+                )
                 device = self._executor.device_name(worker)
                 self._metrics.job_precision.labels(device, record.precision).inc()
                 for warning in record.warnings:
@@ -295,8 +294,17 @@ class JobManager:
                 if first_progress:
                     self._metrics.time_to_first_progress.observe(time.monotonic() - began)
                     first_progress = False
-                self._account_iteration(record, record.elapsed_seconds - previous, sized)
+                self._metrics.iteration.labels(sized).observe(record.elapsed_seconds - previous)
+                self._metrics.pixel_iterations.inc(record.width * record.height)
                 previous = record.elapsed_seconds
+                # The first record of a scale also holds its targets: only later ones time iterations.
+                if kind is not None and last is not None and last[0] == record.scale:
+                    self.run_time.record(
+                        kind,
+                        record.width * record.height,
+                        (record.elapsed_seconds - last[2]) / (record.iteration - last[1]),
+                    )
+                last = (record.scale, record.iteration, record.elapsed_seconds)
                 preview = None
                 if record.image is not None:
                     shown = request.preview
@@ -321,16 +329,6 @@ class JobManager:
                     lease.queue_seconds,
                 )
         raise RuntimeError("the engine ended without a result")
-
-    def _account_iteration(self, progress: Progress, seconds: float, sized: str) -> None:
-        pixels = progress.width * progress.height
-        self._metrics.iteration.labels(sized).observe(seconds)
-        self._metrics.pixel_iterations.inc(pixels)
-        speed = seconds / pixels
-        current = self.seconds_per_pixel_iteration
-        self.seconds_per_pixel_iteration = (
-            speed if current is None else (1 - SPEED_SMOOTHING) * current + SPEED_SMOOTHING * speed
-        )
 
     def _encode(self, tensor: object, encoding: str, quality: int, max_size: int) -> pb.EncodedImage:
         image = fit_within(self._executor.to_image(tensor), max_size)

@@ -6,11 +6,10 @@ the JobManager, and streamed back from the job's events. Ownership of a job:
   is cancelled (within one iteration) unless other WatchJob watchers still follow it.
 - SubmitJob: the job runs whether or not anybody watches; watchers come and go.
 
-Deadlines: a Stylize call whose deadline is shorter than half the estimated run time is refused up front
-with DEADLINE_EXCEEDED (the estimate is output pixels x iterations x the seconds per pixel-iteration the
-workers measure; half, because the figure moves with image size and load, and refusing work that would
-have fitted is worse than starting work that will not). Before any iteration has been measured there is no
-estimate and every deadline is accepted; a call that then runs out of time is cancelled like any other.
+Deadlines: a Stylize call whose deadline is shorter than the least time its job can take is refused up front
+with DEADLINE_EXCEEDED (stylize.server.estimate: a lower bound from what the workers measured, so that work
+that would have fitted is never refused). Before a measurement applies to the job there is no bound and every
+deadline is accepted; a call that then runs out of time is cancelled like any other.
 """
 
 from __future__ import annotations
@@ -38,14 +37,13 @@ from .auth import Tenant, current_tenant, token_digest
 from .broker import SHUTDOWN, BrokerUnavailable, JobEnd, JobOwner, Rejected, over_tenant_limit
 from .config import ServerConfig
 from .errors import JobStatus, abort, deadline_passed
+from .estimate import job_kinds
 from .jobs import JobManager, outcome_status
 from .metrics import ServiceMetrics
 from .runtime import Model, Runtime
 
 log = logging.getLogger(__name__)
 
-# Fraction of the estimated run time a deadline must at least allow (see the module docstring).
-DEADLINE_MARGIN = 0.5
 WATCH_TOKEN_BYTES = 16
 # What a job id looks like (uuid4().hex).
 JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -160,16 +158,20 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         # Only a Stylize call lives as long as its job; SubmitJob's deadline covers the submission alone.
         remaining = context.time_remaining() if owned_by_call else None
         work = sum(scale.pixels * scale.iterations for scale in plan)
-        estimate = manager.estimate_run_seconds(work) if remaining is not None else None
-        if remaining is not None and estimate is not None and remaining < DEADLINE_MARGIN * estimate:
-            await self._reject(
-                context,
-                JobStatus(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"deadline too short: the job needs about {estimate:.1f} s, the call {remaining:.1f} s",
-                    reason="deadline_too_short",
-                ),
-            )
+        if remaining is not None:
+            auto = {choice.precision.value for choice in self._runtime().auto_precision.values()}
+            kinds = job_kinds(job_request.options, auto)
+            estimate = manager.run_time.estimate(kinds, plan)
+            if estimate is not None and remaining < estimate.lower_seconds:
+                await self._reject(
+                    context,
+                    JobStatus(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"deadline too short: the job needs at least {estimate.lower_seconds:.1f} s (about "
+                        f"{estimate.expected_seconds:.1f} s), the call has {remaining:.1f} s",
+                        reason="deadline_too_short",
+                    ),
+                )
         # A Stylize caller has no response to receive a watch token in.
         watch_token = "" if owned_by_call else secrets.token_urlsafe(WATCH_TOKEN_BYTES)
         owner = JobOwner(tenant.name, token_digest(watch_token) if watch_token else "")
