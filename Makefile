@@ -11,13 +11,16 @@ OUT ?= out
 # tests and the demo.
 WEIGHTS_CACHE ?= $(CURDIR)/.cache/weights
 
-.PHONY: venv weights tools demo test lint proto bench clean
+.PHONY: venv weights tools dists demo test lint proto bench clean
 
-# One venv for everything; reinstalled when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
+# One venv for everything, both distributions editable (client/pyproject.toml: stylize-client; the root's:
+# stylize-server, which depends on it); reinstalled when either pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[server,dev]'
+	@# A venv made before the split holds the one distribution `stylize` of earlier versions.
+	$(PY) -m pip uninstall -q -y stylize 2>/dev/null || true
+	$(PY) -m pip install -q -e ./client -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -40,7 +43,17 @@ AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 tools:
 	bash deploy/tools/ensure-tools.sh kubectl prometheus promtool redis-server > /dev/null
 
-test: venv weights tools
+# The two distributions' wheels, and the wheels the client's needs from the package registry, for
+# tests/test_distributions.py (which installs the client into a fresh venv from these alone).
+DIST ?= $(CURDIR)/.cache/dist
+test: export STYLIZE_DIST := $(DIST)
+dists: venv
+	rm -f $(DIST)/stylize_*.whl
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation ./client . -w $(DIST)
+	rm -rf build client/build
+	$(PY) -m pip download -q -d $(DIST)/deps $(DIST)/stylize_client-*.whl
+
+test: venv weights tools dists
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest

@@ -31,6 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from stylize.api import __version__
 from stylize.v1 import stylize_pb2, stylize_pb2_grpc
 
 from .auth import Authenticator, AuthInterceptor, TokenFile, TokenFileError
@@ -42,7 +43,7 @@ from .errors import InternalErrorInterceptor, MalformedRequestInterceptor
 from .jobs import JobManager
 from .metrics import GrpcMetricsInterceptor, ServiceMetrics, new_registry, serve_metrics
 from .runtime import Runtime, StartupError
-from .service import StyleTransferService, version
+from .service import StyleTransferService
 from .tls import ReloadingCredentials, TlsError, TlsFiles
 
 log = logging.getLogger("stylize.server")
@@ -183,7 +184,7 @@ async def serve(config: ServerConfig) -> int:
 
     registry = new_registry()
     metrics = ServiceMetrics(registry)
-    metrics.build_info.labels(version()).set(1)
+    metrics.build_info.labels(__version__).set(1)
     started = _Started()
     health_servicer = health.aio.HealthServicer()
     authenticator = _authenticator(config)

@@ -19,7 +19,6 @@ import collections
 import contextlib
 import dataclasses
 import hmac
-import importlib.metadata
 import logging
 import re
 import secrets
@@ -27,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 
-from stylize.api import schedule, wire
+from stylize.api import __version__, schedule, wire
 from stylize.api.options import DEFAULTS, ECHO_CHARACTERS, LAYERS, Backbone, FieldViolation, OptionsError
 from stylize.v1 import stylize_pb2 as pb
 from stylize.v1 import stylize_pb2_grpc
@@ -72,13 +71,6 @@ class DecodeSlots:
             self._busy[tenant.name] -= 1
             if not self._busy[tenant.name]:
                 del self._busy[tenant.name]
-
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("stylize")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
@@ -354,7 +346,7 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         runtime, manager = self._runtime(), self._manager()
         limits = self._config.limits
         info = pb.ServerInfo(
-            version=version(),
+            version=__version__,
             default_options=wire.options_to_proto(DEFAULTS),
             available_layers=LAYERS[DEFAULTS.backbone],
             limits=pb.Limits(

@@ -23,14 +23,15 @@ HEAVY = frozenset({"torch", "numpy", "onnx", "onnxruntime", "onnxscript"})
 
 @cache
 def modules() -> dict[str, Path]:
-    """Every module of ours by its import name, from pyproject.toml's package-dir mapping."""
-    settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    """Every module of ours by its import name, from the package-dir mappings of both pyproject.toml files."""
     found: dict[str, Path] = {}
-    for package, folder in settings["package-dir"].items():
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            parts = path.relative_to(ROOT / folder).with_suffix("").parts
-            name = ".".join((package, *parts)).removesuffix(".__init__")
-            found[name] = path
+    for project in (ROOT, ROOT / "client"):  # the two distributions: stylize-server, stylize-client
+        settings = tomllib.loads((project / "pyproject.toml").read_text())["tool"]["setuptools"]
+        for package, folder in settings["package-dir"].items():
+            directory = (project / folder).resolve()
+            for path in sorted(directory.rglob("*.py")):
+                parts = path.relative_to(directory).with_suffix("").parts
+                found[".".join((package, *parts)).removesuffix(".__init__")] = path
     return found
 
 

@@ -182,9 +182,14 @@ def unused_port() -> int:
 
 
 def declared_dependencies() -> dict[str, Requirement]:
-    """pyproject.toml's base and `server` requirements: what the image must contain."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = [*project["dependencies"], *project["optional-dependencies"]["server"]]
+    """Both distributions' requirements (the server's, and the client's it depends on): what the image must
+    contain besides the two distributions themselves."""
+    requirements = [
+        requirement
+        for project in (ROOT, ROOT / "client")
+        for requirement in tomllib.loads((project / "pyproject.toml").read_text())["project"]["dependencies"]
+        if not requirement.startswith("stylize-")
+    ]
     return {canonicalize_name(r.name): r for r in map(Requirement, requirements)}
 
 
