@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 DEADLINE_SKEW_SECONDS = 0.5
 
 
+# What an INVALID_ARGUMENT status may carry, in UTF-8 bytes. gRPC sends the message twice (grpc-message,
+# percent-encoded: up to 3 bytes per byte, and inside the google.rpc.Status of grpc-status-details-bin, which
+# is base64: 4/3 of its bytes), and a client refuses trailers over 8 KiB (gRPC's soft metadata limit; 16 KiB
+# hard): a 512-byte message and 3 KiB of violations stay under 6.5 KiB on the wire.
+MAX_MESSAGE_BYTES = 512
+MAX_VIOLATION_BYTES = 3072
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """How a job (or a call) ended when it did not succeed: a gRPC code, a message, and field violations."""
@@ -41,7 +49,24 @@ class JobStatus:
 
     @classmethod
     def invalid(cls, error: OptionsError) -> JobStatus:
-        return cls(grpc.StatusCode.INVALID_ARGUMENT, str(error), tuple(error.violations))
+        """INVALID_ARGUMENT with the error's violations, as many as fit in MAX_VIOLATION_BYTES (the rest
+        counted in the message), and its message cut to MAX_MESSAGE_BYTES."""
+        kept: list[FieldViolation] = []
+        size = 0
+        for violation in error.violations:
+            # A violation's field and description, and the few bytes of protobuf framing around them.
+            size += len(violation.field.encode()) + len(violation.description.encode()) + 6
+            if size > MAX_VIOLATION_BYTES:
+                break
+            kept.append(violation)
+        left = len(error.violations) - len(kept)
+        suffix = f" ({left} more violations not listed)" if left else ""
+        message = str(error).encode()
+        room = MAX_MESSAGE_BYTES - len(suffix)
+        if len(message) > room:
+            message = message[: room - 3] + b"..."
+        text = message.decode(errors="ignore")  # a character cut in two is dropped
+        return cls(grpc.StatusCode.INVALID_ARGUMENT, text + suffix, tuple(kept))
 
     @property
     def outcome_reason(self) -> str:

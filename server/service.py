@@ -159,8 +159,8 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
                     context,
                     JobStatus(
                         grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"deadline too short: the job needs at least {estimate.lower_seconds:.1f} s (about "
-                        f"{estimate.expected_seconds:.1f} s), the call has {remaining:.1f} s",
+                        f"deadline too short: the job needs at least {estimate.lower_seconds:.3g} s (about "
+                        f"{estimate.expected_seconds:.3g} s), the call has {remaining:.3g} s",
                         reason="deadline_too_short",
                     ),
                 )

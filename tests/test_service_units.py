@@ -4,6 +4,7 @@ cancellation, slow watchers), configuration, request conversion and metrics nami
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -17,7 +18,7 @@ from redisproc import RedisProcess
 from serverproc import png_bytes, stylize_request
 
 from stylize.api import wire
-from stylize.api.options import DEFAULT_LIMITS, DEFAULTS, Optimizer, OptionsError, Pooling
+from stylize.api.options import DEFAULT_LIMITS, DEFAULTS, FieldViolation, Optimizer, OptionsError, Pooling
 from stylize.server import convert, jobs
 from stylize.server.auth import Tenant, TenantLimits
 from stylize.server.broker import Broker, BrokerUnavailable, JobEnd, JobOwner, Rejected
@@ -508,6 +509,32 @@ def test_style_weights_default_to_one_and_images_are_kept_upright() -> None:
     assert [weight for _, weight in job.styles] == [1.0, 3.0]
     assert job.content.size == (64, 64) and job.styles[1][0].size == (32, 40)
     assert job.output_encoding == "png" and job.preview.every == 0
+
+
+def wire_bytes(status: JobStatus) -> int:
+    """What the status's trailers take on the wire: grpc-message percent-encoded (gRPC keeps printable
+    ASCII but '%'), grpc-status-details-bin in base64."""
+    message = sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in status.message.encode())
+    details = dict(status.to_rpc_status().trailing_metadata)["grpc-status-details-bin"]
+    return message + len(base64.b64encode(details))
+
+
+@pytest.mark.parametrize("name", ["ascii", "non-ascii"])
+def test_an_invalid_argument_fits_the_clients_metadata_limit_however_many_violations(name) -> None:
+    """gRPC clients refuse trailers over 8 KiB (their soft limit): the violations that fit are sent, the
+    rest are counted in the message. 37 unknown layers used to make 15.5 KiB."""
+    value = "nope" if name == "ascii" else "層%" * 6
+    violations = [
+        FieldViolation(f"options.style_layers[{i}].layer", f"unknown vgg19 layer '{value}{i}'; valid: ...")
+        for i in range(1000)
+    ]
+    status = JobStatus.invalid(OptionsError(violations))
+    assert wire_bytes(status) < 8192
+    kept = len(status.violations)
+    assert 10 < kept < 1000 and status.violations == tuple(violations[:kept])
+    assert status.message.endswith(f" ({1000 - kept} more violations not listed)")
+    few = JobStatus.invalid(OptionsError(violations[:3]))
+    assert len(few.violations) == 3 and few.message == str(OptionsError(violations[:3]))
 
 
 # ---------------------------------------------------------------- metrics
