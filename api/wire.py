@@ -23,6 +23,10 @@ from google.protobuf.message import Message
 from stylize.api.options import FieldViolation, PreviewOptions, StyleOptions
 from stylize.v1 import stylize_pb2 as pb
 
+# The gRPC port a server listens on and a client calls, unless told otherwise.
+DEFAULT_PORT = 50051
+# The gRPC message limit both sides set by default: a maximum-size input image plus a few styles.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # The proto's documented default for LayerWeight.weight and StyleImage.weight.
 DEFAULT_WEIGHT = 1.0
 _FORMAT_ENUM: EnumDescriptor = pb.ImageFormat.DESCRIPTOR

@@ -31,14 +31,14 @@ from pathlib import Path
 import grpc
 
 from stylize.api.options import FieldViolation
+from stylize.api.wire import DEFAULT_PORT, MAX_MESSAGE_BYTES
 from stylize.client.errors import InvalidArgument
 
 SERVICE_NAME = "stylize.v1.StyleTransfer"
 SERVER_ENV = "STYLIZE_SERVER"
 # The bearer token a client sends when none is passed in code or on the command line.
 TOKEN_ENV = "STYLIZE_TOKEN"
-DEFAULT_TARGET = "127.0.0.1:50051"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 

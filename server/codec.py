@@ -69,9 +69,8 @@ def fit_within(image: Image.Image, max_size: int) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def encode_image(image: Image.Image, encoding: str, *, quality: int = 85, max_size: int = 0) -> bytes:
+def encode_image(image: Image.Image, encoding: str, *, quality: int) -> bytes:
     """Encode as png, jpeg or webp; `quality` applies to the lossy formats."""
-    image = fit_within(image, max_size)
     buffer = io.BytesIO()
     if encoding == "png":
         image.save(buffer, format="PNG", compress_level=6)

@@ -10,16 +10,15 @@ import argparse
 import os
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from stylize.api.options import DEFAULT_LIMITS, Limits
+from stylize.api.wire import DEFAULT_PORT, MAX_MESSAGE_BYTES
 
 ENV_PREFIX = "STYLIZE_"
 # 9090 is Prometheus's own port; 9464 is the port OpenTelemetry's Prometheus exporter uses by convention.
 DEFAULT_METRICS_PORT = 9464
-# Large enough for a maximum-size input image plus a few styles; the client sets the same.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 PROVIDER_CHOICES = ("tensorrt", "cuda", "cpu")
 MEMORY_BROKER = "memory"
 AUTH_EXEMPT_CHOICES = ("health", "reflection")
@@ -46,7 +45,7 @@ DEFAULT_MAX_CONNECTION_AGE_SECONDS = 300.0
 class ServerConfig:
     model_dir: Path
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: int = DEFAULT_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
     workers: int = 1
     # torch's intra-op threads (process-wide, shared by the workers); 0: the usable cores / workers.
@@ -66,7 +65,7 @@ class ServerConfig:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     max_connection_age: float = DEFAULT_MAX_CONNECTION_AGE_SECONDS
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -80,6 +79,16 @@ class ServerConfig:
     metrics_host: str | None = None
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
     log_level: str = "INFO"
+
+
+_FIELDS = {field.name: field for field in fields(ServerConfig)}
+
+
+def _default(name: str) -> object:
+    """ServerConfig's default for `name` as its flag takes it: the one place a default is defined. A tuple
+    is comma-joined, so the flag's type parses it like a command-line value."""
+    value = _FIELDS[name].default
+    return ",".join(value) if isinstance(value, tuple) else value
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -190,74 +199,79 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory holding vgg19.onnx + vgg19.json and/or vgg16.onnx + vgg16.json from stylize-export "
         "(required; every artifact in it is served)",
     )
-    add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 or [::] in a container)")
-    add("--port", type=_port, default=50051, help="gRPC port; 0 picks a free one (printed at start-up)")
+    add("--host", default=_default("host"), help="address to listen on (0.0.0.0 or [::] in a container)")
+    add(
+        "--port",
+        type=_port,
+        default=_default("port"),
+        help="gRPC port; 0 picks a free one (printed at start-up)",
+    )
     add(
         "--metrics-port",
         type=_port,
-        default=DEFAULT_METRICS_PORT,
+        default=_default("metrics_port"),
         help="Prometheus /metrics port (9090 is Prometheus's own); 0 picks a free one",
     )
     add(
         "--workers",
         type=_positive_int,
-        default=1,
+        default=_default("workers"),
         help="worker threads, one per device (cuda:0..N-1 on GPUs)",
     )
     add(
         "--threads",
         type=_non_negative_int,
-        default=0,
+        default=_default("threads"),
         help="torch intra-op threads per worker; 0 = the usable CPU cores divided by --workers",
     )
     add(
         "--max-queue",
         type=_positive_int,
-        default=16,
+        default=_default("max_queue"),
         help="jobs that may wait (with the redis broker: across the fleet); more get RESOURCE_EXHAUSTED",
     )
     add(
         "--device",
         type=_device,
-        default="auto",
+        default=_default("device"),
         help="torch device: auto (cuda if present), cpu, cuda, cuda:N",
     )
     add(
         "--providers",
         type=_providers,
-        default="auto",
+        default=_default("providers"),
         help="ONNX Runtime execution providers in order, e.g. tensorrt,cuda,cpu; auto = tensorrt,cuda,cpu "
         "with a GPU, cpu without. Named providers that do not really run abort start-up",
     )
     add(
         "--trt-cache-dir",
         type=Path,
-        default=None,
+        default=_default("trt_cache_dir"),
         help="TensorRT engine cache (default: MODEL_DIR/trt-cache)",
     )
     add(
         "--grace-seconds",
         type=_non_negative_float,
-        default=30.0,
+        default=_default("grace_seconds"),
         help="on SIGTERM/SIGINT, time in-flight jobs get to finish before they are cancelled",
     )
     add(
         "--on-parity-failure",
         choices=("fail", "torch"),
-        default="fail",
+        default=_default("on_parity_failure"),
         help="when ONNX Runtime and torch disagree at start-up: stay NOT_SERVING (fail) or serve with "
         "targets computed by torch (torch)",
     )
     add(
         "--parity-tolerance",
         type=_non_negative_float,
-        default=1e-3,
+        default=_default("parity_tolerance"),
         help="largest relative error max|ort-torch|/max|torch| the start-up probe accepts (per layer, Gram)",
     )
     add(
         "--expect-weights-sha256",
         type=_digests,
-        default="",
+        default=_default("expect_weights_sha256"),
         help="refuse to start unless every served model's weights have one of these digests "
         "(comma-separated; the manifest's state_dict_sha256, computed again from the .onnx at start-up): "
         "pins what may serve, so an artifact whose weights and manifest were both changed does not",
@@ -265,41 +279,41 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--finished-job-ttl",
         type=_non_negative_float,
-        default=300.0,
+        default=_default("finished_job_ttl"),
         help="seconds a finished job stays watchable",
     )
     add(
         "--broker",
         type=_broker,
-        default=MEMORY_BROKER,
+        default=_default("broker"),
         help=f"where jobs wait and their events go: {MEMORY_BROKER} (this process only) or "
         "redis://HOST:PORT/DB (a fleet: any replica serves any job; README: Running a fleet)",
     )
     add(
         "--lease-seconds",
         type=_positive_float,
-        default=DEFAULT_LEASE_SECONDS,
+        default=_default("lease_seconds"),
         help="redis broker: a running job whose worker has not renewed its lease for this long is run "
         "again by another worker",
     )
     add(
         "--max-attempts",
         type=_positive_int,
-        default=DEFAULT_MAX_ATTEMPTS,
+        default=_default("max_attempts"),
         help="redis broker: runs a job gets (the first included) before it fails, so a job that kills "
         "its worker cannot loop forever",
     )
     add(
         "--max-connection-age-seconds",
         type=_positive_float,
-        default=DEFAULT_MAX_CONNECTION_AGE_SECONDS,
+        default=_default("max_connection_age"),
         help="connections older than this are asked to reconnect (GOAWAY; running streams finish), so "
         "clients re-resolve and reach new replicas",
     )
     add(
         "--max-message-bytes",
         type=_positive_int,
-        default=DEFAULT_MAX_MESSAGE_BYTES,
+        default=_default("max_message_bytes"),
         help="gRPC send/receive message limit",
     )
     limits = DEFAULT_LIMITS
@@ -322,27 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--tls-cert",
         type=Path,
-        default=None,
+        default=_default("tls_cert"),
         help="PEM certificate chain for TLS on the gRPC port (with --tls-key); read again when it changes",
     )
-    add("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    add("--tls-key", type=Path, default=_default("tls_key"), help="PEM private key of --tls-cert")
     add(
         "--tls-client-ca",
         type=Path,
-        default=None,
+        default=_default("tls_client_ca"),
         help="PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
     )
     add(
         "--health-port",
         type=_port,
-        default=None,
+        default=_default("health_port"),
         help="also serve the health service alone, in plaintext, on this port (for Kubernetes' gRPC probes "
         "when the main port needs TLS or tokens; keep it off the Service)",
     )
     add(
         "--token-file",
         type=Path,
-        default=None,
+        default=_default("token_file"),
         help="JSON of tenants, their token sha256 digests and limits (README: Securing a deployment); "
         "read again when it changes. Unset: the server is open to anyone who reaches it",
     )
@@ -355,21 +369,26 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--auth-exempt",
         type=_exempt,
-        default="health",
+        default=_default("auth_exempt"),
         help="services callable without a token: health, reflection (comma-separated; empty: none)",
     )
     add(
         "--reflection",
         choices=("on", "off", "auto"),
-        default="auto",
+        default=_default("reflection"),
         help="gRPC server reflection; auto: on only where no --token-file is set",
     )
     add(
         "--metrics-host",
-        default=None,
+        default=_default("metrics_host"),
         help="address the /metrics port binds to (default: --host)",
     )
-    add("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
+    add(
+        "--log-level",
+        default=_default("log_level"),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level",
+    )
     return parser
 
 
