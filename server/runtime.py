@@ -20,9 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -61,6 +63,7 @@ TRT_MIN_EDGE = 32
 TRT_OPT_EDGE = 512
 PROBE_HEIGHT, PROBE_WIDTH = 96, 128
 TORCH_BACKEND = "torch"
+T = TypeVar("T")
 
 
 # On CUDA every Progress record reads its losses back to the host: a sync that drains the GPU's queue of
@@ -114,6 +117,21 @@ def intra_op_threads(config: ServerConfig) -> int:
     if config.threads:
         return config.threads
     return max(1, len(os.sched_getaffinity(0)) // config.workers)
+
+
+def on_a_thread_of_its_own(work: Callable[[], T], name: str) -> T:
+    """work() on a new thread that has ended when this returns; its result, or its exception raised here.
+
+    Why torch's start-up work goes there: torch's CPU operators run on OpenMP (libgomp), which gives
+    every thread that opens a parallel region a pool of team threads, kept until that thread ends, and
+    counts the threads of all pools together. While they outnumber the usable cores, a waiting thread
+    spins 100 times instead of 300000 (libgomp's defaults) before it sleeps on a futex, so every parallel
+    region (many per optimizer iteration) pays a sleep and a wake-up on each of its threads. Start-up
+    work done on the caller's thread (the server builds the Runtime on an asyncio executor thread, which
+    lives on) would leave a pool beside each worker's: with one worker using every core, one too many.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as executor:
+        return executor.submit(work).result()  # leaving the block joins the thread
 
 
 def provider_chain(config: ServerConfig, device: torch.device) -> list[tuple[str, dict[str, str]]]:
@@ -272,6 +290,15 @@ class Runtime:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.threads = intra_op_threads(config)
+        # torch keeps one count for the process, which threads started later take up, and sets the
+        # calling thread's OpenMP count.
+        torch.set_num_threads(self.threads)
+        on_a_thread_of_its_own(self._start_up, "stylize-startup")
+
+    def _start_up(self) -> None:
+        """Everything the Runtime loads and probes: all of its start-up's torch work."""
+        config = self.config
         try:
             artifacts = load_artifacts(config.model_dir)
         except ArtifactError as error:
@@ -283,8 +310,6 @@ class Runtime:
                     f"{arch} weights have state_dict_sha256 {digest}, not one --expect-weights-sha256 allows"
                 )
         self.devices = resolve_devices(config.device, config.workers)
-        self.threads = intra_op_threads(config)
-        torch.set_num_threads(self.threads)
         self.models: dict[Backbone, Model] = {
             arch: self._load(artifact) for arch, artifact in artifacts.items()
         }
@@ -391,6 +416,9 @@ class Runtime:
     def run(
         self, request: JobRequest, cancel: threading.Event, worker: int
     ) -> tuple[str, Iterator[Started | Progress | Result]]:
+        # On the worker's thread, before the job's torch work: OpenMP keeps a thread count per thread, and
+        # a new thread has OpenMP's default (one per core) until torch's parallel code first runs on it.
+        torch.set_num_threads(self.threads)
         self.check_backbone(request.options)
         model = self.models[Backbone(request.options.backbone)]
         targets, backend = self._targets(model, request.options, worker)
