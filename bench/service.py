@@ -11,6 +11,8 @@ previews) runs alternately
 Alternating (A B B A ...) keeps slow drifts of a shared machine and the order within a pair out of the
 ratio; medians are reported.
 The overhead includes request decoding, queueing, event conversion, the final PNG encoding and gRPC.
+Voluntary context switches per job (all threads of the server process, or of this one for the engine
+side; Linux) show whether OpenMP's threads spin at their barriers or sleep at each one.
 
 Start-up time: from spawning the process to health SERVING (imports, artifact, ONNX Runtime session,
 parity probe), median of --startups runs; `serving_after_seconds` is the server's own figure (from the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -64,6 +67,27 @@ def the_request(size: int, iterations: int, precision: str) -> pb.StylizeRequest
     )
 
 
+def voluntary_switches(pid: int) -> int | None:
+    """Voluntary context switches of every thread of process `pid` so far; None where /proc cannot say."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except OSError:  # the thread ended
+            continue
+        total += int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+    return total
+
+
+def switches_between(pid: int, before: int | None) -> int | None:
+    after = voluntary_switches(pid)
+    return None if before is None or after is None else after - before
+
+
 @dataclass
 class Stages:
     """Where one service call's time went: the client's total, the server's figures for the job."""
@@ -73,14 +97,24 @@ class Stages:
     queue: float
     # On the worker: the engine (targets and optimization) and the final encode.
     run: float
+    # Of the server process during the call.
+    switches: int | None
 
 
-def through_service(stub: stylize_pb2_grpc.StyleTransferStub, request: pb.StylizeRequest) -> Stages:
+def through_service(
+    stub: stylize_pb2_grpc.StyleTransferStub, request: pb.StylizeRequest, server_pid: int
+) -> Stages:
+    switches = voluntary_switches(server_pid)
     began = time.perf_counter()
     for event in stub.Stylize(request):
         if event.HasField("completed"):
             total = time.perf_counter() - began
-            return Stages(total, event.completed.queue_seconds, event.completed.run_seconds)
+            return Stages(
+                total,
+                event.completed.queue_seconds,
+                event.completed.run_seconds,
+                switches_between(server_pid, switches),
+            )
     raise RuntimeError("the stream ended without a result")
 
 
@@ -104,12 +138,19 @@ def decode_seconds(request: pb.StylizeRequest, limits: Limits, repeats: int = 5)
     return statistics.median(times)
 
 
-def through_engine(runtime: Runtime, job: convert.JobRequest) -> float:
+def through_engine(runtime: Runtime, job: convert.JobRequest) -> tuple[float, int | None]:
+    """(seconds, voluntary context switches of this process)."""
+    switches = voluntary_switches(os.getpid())
     began = time.perf_counter()
     _, records = runtime.run(job, threading.Event(), 0)
     results = [record for record in records if isinstance(record, Result)]
     assert len(results) == 1
-    return time.perf_counter() - began
+    return time.perf_counter() - began, switches_between(os.getpid(), switches)
+
+
+def median_or_none(values: list[int | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known and len(known) == len(values) else None
 
 
 def startup(model_dir: Path, device: str, env: dict[str, str]) -> tuple[float, float]:
@@ -163,22 +204,23 @@ def main() -> None:
         service_runs, engine_runs = [], []
         with ServerProcess(model_dir, "--device", args.device, *thread_flags, env=env) as server:
             stub = stylize_pb2_grpc.StyleTransferStub(grpc.insecure_channel(server.address))
-            through_service(stub, request)  # warm-up: first-call allocations on both sides
+            pid = server.process.pid
+            through_service(stub, request, pid)  # warm-up: first-call allocations on both sides
             through_engine(runtime, job)
             for repeat in range(args.repeats):
                 # A B B A ...: whatever the position in a pair costs falls on both sides alike.
                 if repeat % 2 == 0:
-                    service_runs.append(through_service(stub, request))
+                    service_runs.append(through_service(stub, request, pid))
                     engine_runs.append(through_engine(runtime, job))
                 else:
                     engine_runs.append(through_engine(runtime, job))
-                    service_runs.append(through_service(stub, request))
+                    service_runs.append(through_service(stub, request, pid))
 
             phases = phase_means(server.metrics_url)  # the warm-up job included
         decoding = decode_seconds(request, config.limits)
 
     service = statistics.median(run.total for run in service_runs)
-    engine = statistics.median(engine_runs)
+    engine = statistics.median(seconds for seconds, _ in engine_runs)
     worker = statistics.median(run.run for run in service_runs)
     queue = statistics.median(run.queue for run in service_runs)
     print(
@@ -207,7 +249,11 @@ def main() -> None:
                     "transport_and_handoff": round(service - worker - queue - decoding, 4),
                 },
                 "worker_over_engine_ratio": round(worker / engine - 1, 4),
-                "engine_seconds": [round(s, 4) for s in engine_runs],
+                "engine_seconds": [round(seconds, 4) for seconds, _ in engine_runs],
+                "voluntary_context_switches_per_job_median": {
+                    "service": median_or_none([run.switches for run in service_runs]),
+                    "engine": median_or_none([switches for _, switches in engine_runs]),
+                },
                 "startup_seconds_median": round(statistics.median(s for s, _ in startups), 3),
                 "serving_after_seconds_median": round(statistics.median(o for _, o in startups), 3),
                 "startup_seconds": [round(s, 3) for s, _ in startups],
