@@ -172,6 +172,21 @@ class StyleOptions:
     padding: Padding = Padding.ZEROS
     precision: Precision = Precision.AUTO
 
+    # Tiled optimization (server/engine/tiles.py): 0 tiles a scale only when a whole-image pass would not
+    # fit the device's free memory; N tiles every scale with an edge above N, in cores of N pixels.
+    tile_size: int = 0
+    # Context around each tile, pixels: what the tiled gradient's error falls with. 96 covers the receptive
+    # field of relu5_1 (85 pixels each way), so the tiled gradient is the whole image's (docs/tiles.md).
+    tile_halo: int = 96
+
+
+# Tile edges, tile sizes and halos are multiples of this: the downsampling of pool5, the deepest layer, so
+# a tile's pooling windows and feature positions are the whole image's.
+TILE_ALIGN = 32
+MAX_TILE_HALO = 512
+# The largest output edge any server accepts (its --max-size may be lower); above 2048 a scale runs tiled.
+HARD_MAX_SIZE = 8192
+
 
 @dataclass(frozen=True)
 class PreviewOptions:
@@ -470,6 +485,17 @@ def validate(
         )
     if not (_whole(o.seed, 0) and o.seed < 2**64):
         found.add("seed", f"must be an integer in [0, 2^64), got {o.seed}")
+    if not (_whole(o.tile_size, 0) and o.tile_size % TILE_ALIGN == 0 and o.tile_size <= HARD_MAX_SIZE):
+        found.add(
+            "tile_size",
+            f"must be 0 (tiles only where a scale does not fit memory) or a multiple of {TILE_ALIGN} up to "
+            f"{HARD_MAX_SIZE}, got {_echo(o.tile_size)}",
+        )
+    if not (_whole(o.tile_halo, 0) and o.tile_halo % TILE_ALIGN == 0 and o.tile_halo <= MAX_TILE_HALO):
+        found.add(
+            "tile_halo",
+            f"must be a multiple of {TILE_ALIGN} from 0 to {MAX_TILE_HALO}, got {_echo(o.tile_halo)}",
+        )
     if not (_real(o.style_scale) and 0 < o.style_scale <= 4):
         found.add("style_scale", f"must be in (0, 4], got {o.style_scale}")
     elif sizes["min_size"] and round(o.min_size * o.style_scale) < 1:

@@ -58,8 +58,12 @@ class Preset:
     source: str
 
 
+# How a job is carried out, not what it looks like: a preset leaves these at the engine's defaults.
+EXECUTION_OPTIONS = ("tile_size", "tile_halo")
+
+
 def _complete(**values: object) -> StyleOptions:
-    missing = [name for name in option_names() if name not in values]
+    missing = [name for name in option_names() if name not in values and name not in EXECUTION_OPTIONS]
     if missing:
         raise TypeError(f"a preset must set every option; missing {', '.join(missing)}")
     return StyleOptions(**values)  # type: ignore[arg-type]

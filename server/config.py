@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from stylize.api.options import DEFAULT_LIMITS, Limits
+from stylize.api.options import DEFAULT_LIMITS, HARD_MAX_SIZE, Limits
 from stylize.api.wire import DEFAULT_PORT, MAX_MESSAGE_BYTES
 
 ENV_PREFIX = "STYLIZE_"
@@ -102,6 +102,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _edge(text: str) -> int:
+    value = _positive_int(text)
+    if value > HARD_MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {HARD_MAX_SIZE}, got {value}")
     return value
 
 
@@ -317,7 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC send/receive message limit",
     )
     limits = DEFAULT_LIMITS
-    add("--max-size", type=_positive_int, default=limits.max_size, help="largest output edge in pixels")
+    add(
+        "--max-size",
+        type=_edge,
+        default=limits.max_size,
+        help=f"largest output edge in pixels, at most {HARD_MAX_SIZE} (raise --max-pixels with it); a scale "
+        "that does not fit in memory runs tiled",
+    )
     add("--max-pixels", type=_positive_int, default=limits.max_pixels, help="largest output width*height")
     add("--max-iterations", type=_positive_int, default=limits.max_iterations, help="most iterations per job")
     add("--max-styles", type=_positive_int, default=limits.max_styles, help="most style images per job")

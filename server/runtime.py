@@ -430,6 +430,7 @@ class Runtime:
             device=self.devices[worker],
             targets=targets,
             preview_every=request.preview.every,
+            preview_max_size=request.preview.max_size,
             cancel=cancel,
             limits=self.config.limits,
             progress_every=progress_every(self.devices[worker]),

@@ -207,6 +207,8 @@ def test_previews_come_when_due_and_progress_reports_time(content, style, extrac
     preview = progress[5].image
     assert preview.shape == (3, 32, 48) and preview.device.type == "cpu"
     assert progress[-1].eta_seconds == 0
+    shrunk, _ = run(content, [(style, 1.0)], options, extractor, preview_every=3, preview_max_size=24)
+    assert shrunk[5].image.shape == (3, 16, 24)  # shrunk in the engine, before it leaves the device
     elapsed = [p.elapsed_seconds for p in progress]
     assert elapsed == sorted(elapsed) and result.elapsed_seconds >= elapsed[-1]
 

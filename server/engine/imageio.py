@@ -41,5 +41,8 @@ def tensor_to_pil(image: Tensor) -> Image.Image:
     """[3, H, W] (or [1, 3, H, W]) float in [0, 1], any device -> 8-bit RGB image (values clipped)."""
     if image.dim() == 4:
         image = image.squeeze(0)
-    array = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu()
+    # One float copy (clamp), scaled and rounded in place, then bytes: a large output is not copied in float
+    # again for each step.
+    scaled = image.detach().float().clamp(0, 1).mul_(255).round_()
+    array = scaled.to(torch.uint8).permute(1, 2, 0).cpu()
     return Image.fromarray(array.numpy())

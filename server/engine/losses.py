@@ -35,7 +35,7 @@ loses the small differences the loss is made of in bf16 (8 bits of mantissa).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -57,21 +57,25 @@ def _no_autocast(tensor: Tensor) -> torch.autocast:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
-def gram_matrix(features: Tensor) -> Tensor:
-    """[N, C, H, W] -> [C, C] float32, averaged over positions (F F^T / (N H W))."""
+def gram_matrix(features: Tensor, positions: int | None = None) -> Tensor:
+    """[N, C, H, W] -> [C, C] float32: F F^T over `positions` (default: these features' own, N H W, the
+    average). A part of an image's features over the whole image's positions is that part's share of the
+    image's Gram matrix: the shares of the parts sum to it."""
     with _no_autocast(features):
         flat = _fp32(features)
-        return flat @ flat.T / flat.shape[1]
+        return flat @ flat.T / (positions or flat.shape[1])
 
 
-def mean_and_second_moment(features: Tensor) -> tuple[Tensor, Tensor]:
-    """[N, C, H, W] -> (mean [C], second raw moment [C, C]) in float32.
+def mean_and_second_moment(features: Tensor, positions: int | None = None) -> tuple[Tensor, Tensor]:
+    """[N, C, H, W] -> (mean [C], second raw moment [C, C]) in float32, over `positions` like
+    gram_matrix (so the parts of an image sum to the image's).
 
-    Raw moments (not the covariance) because they are what blends linearly across styles.
+    Raw moments (not the covariance) because they are what blends linearly across styles and parts.
     """
     with _no_autocast(features):
         flat = _fp32(features)
-        return flat.mean(1), flat @ flat.T / flat.shape[1]
+        count = positions or flat.shape[1]
+        return flat.sum(1) / count, flat @ flat.T / count
 
 
 Statistic = TypeVar("Statistic", Tensor, tuple[Tensor, ...])
@@ -114,6 +118,13 @@ class ContentLoss(nn.Module):
         with _no_autocast(features):
             return (features.float() - self.target).square().mean() * self.scale
 
+    def part(self, features: Tensor, rows: slice, columns: slice) -> Tensor:
+        """The share of the loss of the features of a part of the image (target positions `rows`,
+        `columns`): the shares of the parts sum to the loss."""
+        with _no_autocast(features):
+            target = self.target[..., rows, columns]
+            return (features.float() - target).square().sum() / self.target.numel() * self.scale
+
 
 class GramStyleLoss(nn.Module):
     """Gatys et al.'s style loss: mean squared error of position-averaged Gram matrices times a
@@ -135,7 +146,10 @@ class GramStyleLoss(nn.Module):
         self.register_buffer("scale", scales[normalization](target))
 
     def forward(self, features: Tensor) -> Tensor:
-        return (gram_matrix(features) - self.target).square().mean() * self.scale
+        return self.of_statistics(gram_matrix(features))
+
+    def of_statistics(self, gram: Tensor) -> Tensor:
+        return (gram - self.target).square().mean() * self.scale
 
 
 class MeanCovarianceStyleLoss(nn.Module):
@@ -180,8 +194,11 @@ class MeanCovarianceStyleLoss(nn.Module):
         self.register_buffer("floor", (magnitude / len(mean)) ** 2 * floor + EPS)
 
     def forward(self, features: Tensor) -> Tensor:
-        mean, second_moment = mean_and_second_moment(features)
-        with _no_autocast(features):
+        return self.of_statistics(mean_and_second_moment(features))
+
+    def of_statistics(self, statistics: tuple[Tensor, Tensor]) -> Tensor:
+        mean, second_moment = statistics
+        with _no_autocast(mean):
             covariance = second_moment - torch.outer(mean, mean)
             product = self.covariance_root @ covariance @ self.covariance_root
             eigenvalues: Tensor = torch.linalg.eigvalsh((product + product.T) / 2)  # torch.linalg: untyped
@@ -227,6 +244,12 @@ class LayerSum(nn.Module):
 
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         terms = [loss(features[name]) * self.weights[name] for name, loss in self.losses.items()]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def of_statistics(self, statistics: Mapping[str, Any]) -> Tensor:
+        """The sum from each layer's style statistics instead of its features (style losses only)."""
+        losses = cast(Mapping[str, GramStyleLoss | MeanCovarianceStyleLoss], self.losses)
+        terms = [loss.of_statistics(statistics[name]) * self.weights[name] for name, loss in losses.items()]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
 

@@ -39,7 +39,7 @@ from stylize.api.options import (
     downsampling,
     validate,
 )
-from stylize.server.engine import color, precision
+from stylize.server.engine import color, precision, tiles
 from stylize.server.engine.init import initial_image
 from stylize.server.engine.losses import STYLE_LOSSES, ContentLoss, LayerSum, Objective, blend
 from stylize.server.engine.optimizers import AdamStepper, LBFGSStepper, Stepper
@@ -73,6 +73,7 @@ def stylize(
     device: torch.device,
     targets: TargetFn | None = None,
     preview_every: int = 0,
+    preview_max_size: int = 0,
     cancel: threading.Event | None = None,
     limits: Limits = DEFAULT_LIMITS,
     progress_every: int = 1,
@@ -84,7 +85,8 @@ def stylize(
     content: [3, H, W] RGB float in [0, 1]; styles: (image [3, h, w], blend weight) pairs.
     The generator yields a Started record (the plan and the precision), then a Progress per
     iteration (every `progress_every`-th, and always the last of each scale and any iteration
-    with a preview due), its `image` set when `preview_every` divides the 1-based iteration,
+    with a preview due), its `image` set when `preview_every` divides the 1-based iteration (with
+    its longest edge at most `preview_max_size`, shrunk on the device; 0: full size),
     then one Result. It raises Cancelled within one iteration of `cancel` being set. `targets`,
     when given, must compute the same features as `extractor` configured with the job's pooling
     and padding; layers it does not return come from the torch extractor. The extractor's
@@ -122,7 +124,7 @@ def stylize(
             f"preview_every must be >= 0 and progress_every >= 1, got {preview_every}, {progress_every}"
         )
     return _Job(content, styles, checked.options, extractor, device, targets, cancel).run(
-        preview_every, progress_every
+        preview_every, progress_every, preview_max_size
     )
 
 
@@ -180,7 +182,8 @@ class _Job:
         self.network = self.target_network
         if self.network is not None:
             self.network = self.network.with_dtype(self.precision.dtype)
-        self.smallest = max((downsampling(name, o.backbone) for name in self.layers), default=1)
+        self.downsampling = {name: downsampling(name, o.backbone) for name in self.layers}
+        self.smallest = max(self.downsampling.values(), default=1)
 
         self.content = content.to(device, torch.float32)[None]
         # The one place blend weights become shares that sum to 1 (validate() made the sum positive).
@@ -230,24 +233,61 @@ class _Job:
         return _resize(style, round(h * grow), round(w * grow))
 
     def _style_statistics(
-        self, style: Tensor, output: tuple[int, int], statistics: Callable[[Tensor], object]
+        self, style: Tensor, output: tuple[int, int], statistics: tiles.StatisticFn, tile: int | None
     ) -> dict[str, Any]:
         """Per style layer: a Tensor or a tuple of them, whichever the style loss's `statistics` makes
-        (and its loss takes, after blend())."""
-        features = self._target_features(self._style_input(style, output))
-        return {name: statistics(features[name]) for name in self.style_layers}
+        (and its loss takes, after blend()). A style image larger than `tile` is read by tiles."""
+        image = self._style_input(style, output)
+        if tile is not None and max(image.shape[-2:]) > tile:
+            grid = tiles.tile_grid(*image.shape[-2:], tile=tile, halo=self.options.tile_halo)
+            names = {name: statistics for name in self.style_layers}
+            return tiles.statistics_by_tiles(
+                image, grid, self._target_tile_features, names, self.downsampling
+            )
+        features = self._target_features(image)
+        return {name: statistics(features[name], None) for name in self.style_layers}
 
-    def _objective(self, content: Tensor) -> Objective:
+    def _target_tile_features(self, crop: Tensor) -> dict[str, Tensor]:
+        """The float32 torch network's features of a crop (targets by tiles do not use `targets`)."""
+        assert self.target_network is not None  # there are layers, so there is a network
+        return dict(self.target_network(_network_input(crop.expand(-1, 3, -1, -1))))
+
+    def _tile_features(self, crop: Tensor) -> dict[str, Tensor]:
+        """The loop's network's features of a crop of the optimized image."""
+        assert self.network is not None
+        with precision.autocast(self.precision.precision, self.device):
+            return dict(self.network(_network_input(crop)))
+
+    def _tile_size(self, pixels: int, edge: int) -> int | None:
+        """The tile edge for a scale (None: the scale runs whole): the caller's tile_size for a scale with
+        an edge above it; else, where a whole-image pass would not fit the device's free memory, the
+        largest tile whose crop does."""
+        o = self.options
+        if self.network is None:
+            return None
+        if o.tile_size:
+            return o.tile_size if edge > o.tile_size else None
+        if tiles.whole_image_fits(pixels, self.device):
+            return None
+        return tiles.largest_tile(o.tile_halo, self.device)
+
+    def _objective(self, content: Tensor, tile: int | None) -> Objective:
         o = self.options
         output = (content.shape[-1], content.shape[-2])
-        content_features = self._target_features(content) if self.content_layers else {}
+        content_features: dict[str, Tensor] = {}
+        if self.content_layers and tile is not None:
+            grid = tiles.tile_grid(*content.shape[-2:], tile=tile, halo=o.tile_halo)
+            layers = {name: self.downsampling[name] for name in self.content_layers}
+            content_features = tiles.features_by_tiles(content, grid, self._target_tile_features, layers)
+        elif self.content_layers:
+            content_features = self._target_features(content)
         content_sum = LayerSum(
             {name: ContentLoss(content_features[name], o.loss_normalization) for name in self.content_layers},
             dict(o.content_layers),
         )
         style_loss = STYLE_LOSSES[o.style_loss]
         per_style = [
-            self._style_statistics(style, output, style_loss.statistics)
+            self._style_statistics(style, output, style_loss.statistics, tile)
             for style, _ in (self.work_styles if self.style_layers else [])
         ]
         weights = [weight for _, weight in self.work_styles]
@@ -286,6 +326,15 @@ class _Job:
             features = self.network(_network_input(image))
         return cast(Tensor, objective(features, image))
 
+    def _tiled_terms(
+        self, objective: Objective, image: Tensor, tile: int, shift: tuple[int, int], *, gradient: bool
+    ) -> Tensor:
+        halo = self.options.tile_halo
+        grid = tiles.tile_grid(*image.shape[-2:], tile=tile, halo=halo, shift=shift)
+        return tiles.tiled_terms(
+            objective, image, grid, self._tile_features, self.downsampling, gradient=gradient
+        )
+
     def _colored(self, image: Tensor) -> Tensor:
         """The optimized image as the RGB output ([1, 3, H, W])."""
         if self.options.color != ColorMode.LUMINANCE:
@@ -297,7 +346,17 @@ class _Job:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("the job was cancelled")
 
-    def run(self, preview_every: int, progress_every: int) -> Iterator[Started | Progress | Result]:
+    def _preview(self, image: Tensor, max_size: int) -> Tensor:
+        """The image as a preview: shrunk first, so a large output costs a small copy."""
+        height, width = image.shape[-2:]
+        if 0 < max_size < max(height, width):
+            small_width, small_height = schedule.fit(max_size, (width, height))
+            image = _resize(image, small_height, small_width)
+        return self._colored(image)[0].cpu()
+
+    def run(
+        self, preview_every: int, progress_every: int, preview_max_size: int
+    ) -> Iterator[Started | Progress | Result]:
         o = self.options
         start = time.perf_counter()
         plan = schedule.plan_for(o, (self.content.shape[-1], self.content.shape[-2]))
@@ -315,11 +374,14 @@ class _Job:
         stepper: Stepper | None = None
         objective: Objective | None = None
         target_seconds = 0.0
+        shifts = tiles.moving_shifts(o.seed)
+        tile: int | None = None
         for index, scale in enumerate(plan):
             self._check_cancel()
             content = _resize(self.work_content, scale.height, scale.width)
+            tile = self._tile_size(scale.pixels, max(scale.width, scale.height))
             targets_began = time.perf_counter()
-            objective = self._objective(content)
+            objective = self._objective(content, tile)
             target_seconds += time.perf_counter() - targets_began
             if stepper is None:
                 image = initial_image(
@@ -329,7 +391,11 @@ class _Job:
                 image = _resize(stepper.output(), scale.height, scale.width)
             stepper = self._stepper(image, stepper)
 
-            def closure(stepper: Stepper = stepper, objective: Objective = objective) -> Tensor:
+            def closure(
+                stepper: Stepper = stepper, objective: Objective = objective, tile: int | None = tile
+            ) -> Tensor:
+                if tile is not None:
+                    return self._tiled_terms(objective, stepper.image, tile, next(shifts), gradient=True)
                 terms = self._evaluate(objective, stepper.image)
                 terms[0].backward()
                 return terms.detach()
@@ -353,13 +419,16 @@ class _Job:
                     losses=finite_losses(terms.tolist(), iteration),
                     elapsed_seconds=elapsed,
                     eta_seconds=elapsed / work_done * (work_total - work_done),
-                    image=self._colored(stepper.output())[0].cpu() if preview_due else None,
+                    image=self._preview(stepper.output(), preview_max_size) if preview_due else None,
                 )
         self._check_cancel()
         assert stepper is not None and objective is not None  # the plan has at least one scale
         output = stepper.output()
-        with torch.no_grad():
-            final = self._evaluate(objective, output)
+        if tile is not None:
+            final = self._tiled_terms(objective, output, tile, (0, 0), gradient=False)
+        else:
+            with torch.no_grad():
+                final = self._evaluate(objective, output)
         return_image = self._colored(output)[0].cpu()
         yield Result(
             image=return_image,

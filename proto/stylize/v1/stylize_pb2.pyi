@@ -168,7 +168,7 @@ class LayerWeight(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class StyleOptions(_message.Message):
-    __slots__ = ("size", "min_size", "scale_factor", "iterations", "initial_iterations", "content_weight", "style_weight", "tv_weight", "content_layers", "style_layers", "style_loss", "loss_normalization", "optimizer", "learning_rate", "ema_decay", "lbfgs_history", "init", "seed", "style_scale", "color", "style_resize", "backbone", "pooling", "padding", "precision")
+    __slots__ = ("size", "min_size", "scale_factor", "iterations", "initial_iterations", "content_weight", "style_weight", "tv_weight", "content_layers", "style_layers", "style_loss", "loss_normalization", "optimizer", "learning_rate", "ema_decay", "lbfgs_history", "init", "seed", "style_scale", "color", "style_resize", "backbone", "pooling", "padding", "precision", "tile_size", "tile_halo")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
     SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,8 @@ class StyleOptions(_message.Message):
     POOLING_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TILE_HALO_FIELD_NUMBER: _ClassVar[int]
     size: int
     min_size: int
     scale_factor: float
@@ -219,7 +221,9 @@ class StyleOptions(_message.Message):
     pooling: Pooling
     padding: Padding
     precision: Precision
-    def __init__(self, size: _Optional[int] = ..., min_size: _Optional[int] = ..., scale_factor: _Optional[float] = ..., iterations: _Optional[int] = ..., initial_iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_loss: _Optional[_Union[StyleLoss, str]] = ..., loss_normalization: _Optional[_Union[LossNormalization, str]] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., ema_decay: _Optional[float] = ..., lbfgs_history: _Optional[int] = ..., init: _Optional[_Union[Init, str]] = ..., seed: _Optional[int] = ..., style_scale: _Optional[float] = ..., color: _Optional[_Union[ColorMode, str]] = ..., style_resize: _Optional[_Union[StyleResize, str]] = ..., backbone: _Optional[_Union[Backbone, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., padding: _Optional[_Union[Padding, str]] = ..., precision: _Optional[_Union[Precision, str]] = ...) -> None: ...
+    tile_size: int
+    tile_halo: int
+    def __init__(self, size: _Optional[int] = ..., min_size: _Optional[int] = ..., scale_factor: _Optional[float] = ..., iterations: _Optional[int] = ..., initial_iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_loss: _Optional[_Union[StyleLoss, str]] = ..., loss_normalization: _Optional[_Union[LossNormalization, str]] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., ema_decay: _Optional[float] = ..., lbfgs_history: _Optional[int] = ..., init: _Optional[_Union[Init, str]] = ..., seed: _Optional[int] = ..., style_scale: _Optional[float] = ..., color: _Optional[_Union[ColorMode, str]] = ..., style_resize: _Optional[_Union[StyleResize, str]] = ..., backbone: _Optional[_Union[Backbone, str]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., padding: _Optional[_Union[Padding, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., tile_size: _Optional[int] = ..., tile_halo: _Optional[int] = ...) -> None: ...
 
 class PreviewOptions(_message.Message):
     __slots__ = ("every", "max_size", "format", "quality")
