@@ -46,7 +46,7 @@ from stylize.model.weights import file_sha256
 from stylize.server.engine import precision
 from stylize.server.engine.imageio import pil_to_tensor, tensor_to_pil
 from stylize.server.engine.records import Progress, Result, Started
-from stylize.server.engine.run import TargetFn, stylize
+from stylize.server.engine.run import TargetFn, stylize, to_network_layout
 
 from .config import ServerConfig
 from .convert import JobRequest
@@ -329,8 +329,11 @@ class Runtime:
         for device in self.devices:
             if device not in pairs:
                 chain = provider_chain(self.config, device)
+                # Weights in the engine's layout now, so that no job converts them (nor AUTO's bf16 copy).
+                extractor = artifact.build_extractor().to(device)
+                to_network_layout(extractor)
                 pairs[device] = (
-                    artifact.build_extractor().to(device).eval(),
+                    extractor.eval(),
                     open_session(artifact.onnx_path, chain, explicit=explicit),
                 )
         parity = self._check_parity(artifact.manifest.arch, pairs)

@@ -90,8 +90,8 @@ def stylize(
     then one Result. It raises Cancelled within one iteration of `cancel` being set. `targets`,
     when given, must compute the same features as `extractor` configured with the job's pooling
     and padding; layers it does not return come from the torch extractor. The extractor's
-    parameters are moved to `device`; its `arch` must be the options' backbone. Layers may be
-    given by their Keras aliases.
+    parameters are moved to `device` and its convolution weights made channels-last, in place; its
+    `arch` must be the options' backbone. Layers may be given by their Keras aliases.
     """
     violations = _image_violations(content, styles)
     backbone = options.options.backbone if isinstance(options, CheckedOptions) else options.backbone
@@ -144,12 +144,26 @@ def _resize(image: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(image, size=(height, width), mode="bicubic", antialias=True).clamp(0, 1)
 
 
+# The layout of the network's input (_network_input) and of its convolution weights. A convolution whose
+# input and weight differ in layout converts the weight, in the forward and in the backward pass of
+# every iteration.
+NETWORK_MEMORY_FORMAT = torch.channels_last
+
+
 def _network_input(image: Tensor) -> Tensor:
     """The optimized image as the network's input: luminance repeated to RGB; channels-last, the
     layout oneDNN's and cuDNN's fastest convolutions (bf16 especially) want."""
     if image.shape[1] == 1:
         image = image.expand(-1, 3, -1, -1)
-    return image.contiguous(memory_format=torch.channels_last)
+    return image.contiguous(memory_format=NETWORK_MEMORY_FORMAT)
+
+
+def to_network_layout(network: torch.nn.Module) -> None:
+    """Convert the 4-D parameters (the convolution weights) of `network` to NETWORK_MEMORY_FORMAT, in
+    place; those already in it are left as they are."""
+    for parameter in network.parameters():
+        if parameter.dim() == 4 and not parameter.is_contiguous(memory_format=NETWORK_MEMORY_FORMAT):
+            parameter.data = parameter.data.contiguous(memory_format=NETWORK_MEMORY_FORMAT)
 
 
 class _Job:
@@ -170,18 +184,24 @@ class _Job:
         self.content_layers, self.style_layers = active_layers(o)
         layers = set(self.content_layers) | set(self.style_layers)
         self.layers = tuple(name for name in LAYERS[Backbone(o.backbone)] if name in layers)
+        # Like the move to `device`, the weights' layout is converted in place, once per extractor (a
+        # no-op when it is already the one wanted, as for the server's, converted at start-up).
+        extractor = extractor.to(device)
+        to_network_layout(extractor)
         # Targets come from the float32 network; the loop's network holds its weights in the
         # precision it computes in, so autocast does not re-cast 20M parameters every iteration
         # (it caches casts only for parameters that require grad, and these do not).
         self.target_network = (
-            extractor.configured(layers=self.layers, pooling=o.pooling, padding=o.padding).to(device)
+            extractor.configured(layers=self.layers, pooling=o.pooling, padding=o.padding)
             if self.layers
             else None
         )
-        self.precision = precision.resolve(Precision(o.precision), device, extractor.to(device))
+        self.precision = precision.resolve(Precision(o.precision), device, extractor)
         self.network = self.target_network
         if self.network is not None:
+            # A cast made before the extractor was converted is converted too (in place, once).
             self.network = self.network.with_dtype(self.precision.dtype)
+            to_network_layout(self.network)
         self.downsampling = {name: downsampling(name, o.backbone) for name in self.layers}
         self.smallest = max(self.downsampling.values(), default=1)
 
