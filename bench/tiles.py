@@ -1,20 +1,23 @@
 """Tiled optimization (server/engine/tiles.py): how exact its gradient is, its memory and its cost.
 
     python -m bench.tiles exactness [--edge 384] [--tiles 128 192] [--halos 0 32 64 96 128]
-    python -m bench.tiles memory [--edges 512 1024 2048 4096] [--tile 256]
-    python -m bench.tiles speed [--edge 1024] [--tile 256] [--repeats 3]
+    python -m bench.tiles memory [--edges 512 1024 2048 4096] [--tile 512] [--halo 96]
+    python -m bench.tiles speed [--edge 1024] [--tile 512] [--halo 96] [--repeats 3]
+    python -m bench.tiles job [--edge 4096] [--iterations 2] [--tile 0] [--precision auto]
 
 exactness: the relative L2 error ||g_tiled - g_whole|| / ||g_whole|| of the image gradient of one
 evaluation, by loss term alone (content, Gram style, mean-covariance style, total variation) and all
 together, on the real ImageNet VGG19 (`make weights`), chelsea and the Hubble field, fp32.
 memory: peak RSS of one evaluation (forward and backward) tiled and whole, in a fresh process per row.
 speed: seconds per megapixel-iteration tiled against whole, interleaved, medians.
+job: a whole job through the engine (one scale, Adam), its peak RSS and time.
 JSON on stdout; a table on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -63,10 +66,23 @@ def network() -> VGGFeatures:
 
 
 def objective(
-    vgg: VGGFeatures, content: Tensor, style: Tensor, loss: str, weights: Mapping[str, float]
+    vgg: VGGFeatures,
+    content: Tensor,
+    style: Tensor,
+    loss: str,
+    weights: Mapping[str, float],
+    tile: tuple[int, int] | None = None,
 ) -> Objective:
+    """The loss of a job on `content` and `style`; with `tile` (edge, halo) the content's features are read
+    by tiles, as the engine reads a content image too large to pass whole."""
     with torch.no_grad():
-        content_features, style_features = vgg(content), vgg(style)
+        style_features = vgg(style)
+        if tile is None:
+            content_features = vgg(content)
+        else:
+            grid = tiles.tile_grid(*content.shape[-2:], tile=tile[0], halo=tile[1])
+            layer = {CONTENT_LAYER: DOWNSAMPLING[CONTENT_LAYER]}
+            content_features = tiles.features_by_tiles(content, grid, vgg, layer)
     kind, statistic = (
         (MeanCovarianceStyleLoss, mean_and_second_moment)
         if loss == "mean_covariance"
@@ -126,7 +142,8 @@ def exactness(args: argparse.Namespace) -> dict[str, Any]:
     vgg = network()
     content, style, image = images(args.edge)
     rows = []
-    for term, weights in TERMS.items():
+    for term in args.terms:
+        weights = TERMS[term]
         loss = "mean_covariance" if term == "mean_covariance" else "gram"
         made = objective(vgg, content, style, loss, weights)
         whole_terms, whole = whole_gradient(made, vgg, image)
@@ -162,12 +179,8 @@ def one_evaluation(edge: int, tile: int, halo: int) -> dict[str, Any]:
     style = torch.rand(1, 3, min(side, 512), min(edge, 512))
     before = _peak_rss_mib()
     began = time.perf_counter()
-    made = objective(vgg, content, style, "gram", TERMS["all (gram)"])
+    made = objective(vgg, content, style, "gram", TERMS["all (gram)"], (tile, halo) if tile else None)
     if tile:
-        # The targets by tiles too, as the engine reads a large content image.
-        grid = tiles.tile_grid(side, edge, tile=tile, halo=halo)
-        target = tiles.features_by_tiles(content, grid, vgg, {CONTENT_LAYER: DOWNSAMPLING[CONTENT_LAYER]})
-        made.content.losses[CONTENT_LAYER].target = target[CONTENT_LAYER]
         tiled_gradient(made, vgg, content, tile, halo, (0, 0))
     else:
         whole_gradient(made, vgg, content)
@@ -198,6 +211,48 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
             )
     return {"halo": args.halo, "rows": rows}
+
+
+def job(args: argparse.Namespace) -> dict[str, Any]:
+    """A whole job through the engine at `edge` x `edge`, one scale: its peak RSS and time."""
+    from stylize.api.options import DEFAULTS, Limits
+    from stylize.server.engine.records import Progress, Result
+    from stylize.server.engine.run import stylize
+
+    vgg = network()
+    content = _resize(load("coffee.png")[None], args.edge, args.edge)[0]  # square: 4096 x 4096
+    style = load("hubble_deep_field.jpg")
+    options = dataclasses.replace(
+        DEFAULTS,
+        size=args.edge,
+        min_size=args.edge,
+        initial_iterations=args.iterations,
+        optimizer="adam",  # L-BFGS keeps 2 x 50 image-sized vectors: 20 GB at 4096 x 4096
+        precision=args.precision,
+        tile_size=args.tile,
+    )
+    began = time.perf_counter()
+    limits = Limits(max_size=args.edge, max_pixels=args.edge * args.edge)
+    records = list(stylize(content, [(style, 1.0)], options, vgg, device=torch.device("cpu"), limits=limits))
+    result = records[-1]
+    assert isinstance(result, Result)
+    steps = [r.elapsed_seconds for r in records if isinstance(r, Progress)]
+    row = {
+        "edge": args.edge,
+        "iterations": result.iterations,
+        "tile_size": args.tile,
+        "precision": args.precision,
+        "peak_rss_mib": _peak_rss_mib(),
+        "seconds": time.perf_counter() - began,
+        "target_seconds": result.target_seconds,
+        "iteration_seconds": [b - a for a, b in zip([result.target_seconds, *steps], steps, strict=False)],
+        "losses": dataclasses.asdict(result.losses),
+    }
+    print(
+        f"{args.edge}x{args.edge} job: peak RSS {row['peak_rss_mib']:.0f} MiB, {row['seconds']:.0f} s",
+        file=sys.stderr,
+    )
+    return row
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -239,16 +294,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     exact.add_argument("--edge", type=int, default=384)
     exact.add_argument("--tiles", type=int, nargs="+", default=[128, 192])
     exact.add_argument("--halos", type=int, nargs="+", default=[0, 32, 64, 96, 128])
+    exact.add_argument("--terms", nargs="+", choices=list(TERMS), default=list(TERMS))
     mem = commands.add_parser("memory")
     mem.add_argument("--edges", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    mem.add_argument("--tile", type=int, default=256)
-    mem.add_argument("--halo", type=int, default=64)
+    mem.add_argument("--tile", type=int, default=512)
+    mem.add_argument("--halo", type=int, default=96)
     mem.add_argument("--largest-whole", type=int, default=2048, help="largest edge to run whole")
     fast = commands.add_parser("speed")
     fast.add_argument("--edge", type=int, default=1024)
-    fast.add_argument("--tile", type=int, default=256)
-    fast.add_argument("--halo", type=int, default=64)
+    fast.add_argument("--tile", type=int, default=512)
+    fast.add_argument("--halo", type=int, default=96)
     fast.add_argument("--repeats", type=int, default=3)
+    whole_job = commands.add_parser("job")
+    whole_job.add_argument("--edge", type=int, default=4096)
+    whole_job.add_argument("--iterations", type=int, default=2)
+    whole_job.add_argument("--tile", type=int, default=0, help="tile_size (0: as memory requires)")
+    whole_job.add_argument("--precision", default="auto")
     one = commands.add_parser("one")
     one.add_argument("edge", type=int)
     one.add_argument("tile", type=int)
@@ -258,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "one":
         print(json.dumps(one_evaluation(args.edge, args.tile, args.halo)))
         return 0
-    run = {"exactness": exactness, "memory": memory, "speed": speed}[args.command]
+    run = {"exactness": exactness, "memory": memory, "speed": speed, "job": job}[args.command]
     result = {"machine": machine_info(), "command": " ".join(sys.argv), **run(args)}
     print(json.dumps(result, indent=2))
     return 0

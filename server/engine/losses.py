@@ -27,9 +27,9 @@ kind and the input normalization), as they did in those programs.
 The total-variation term works on the image itself (RGB in [0, 1]): mean squared
 difference of neighbouring pixels.
 
-Every statistic and every loss is computed in float32 with autocast disabled, whatever
-precision the network ran in: a Gram matrix sums H*W products, which overflows in fp16 and
-loses the small differences the loss is made of in bf16 (8 bits of mantissa).
+Every statistic and every loss is computed in float32 (the mean-covariance loss in float64) with
+autocast disabled, whatever precision the network ran in: a Gram matrix sums H*W products, which
+overflows in fp16 and loses the small differences the loss is made of in bf16 (8 bits of mantissa).
 """
 
 from __future__ import annotations
@@ -67,13 +67,16 @@ def gram_matrix(features: Tensor, positions: int | None = None) -> Tensor:
 
 
 def mean_and_second_moment(features: Tensor, positions: int | None = None) -> tuple[Tensor, Tensor]:
-    """[N, C, H, W] -> (mean [C], second raw moment [C, C]) in float32, over `positions` like
+    """[N, C, H, W] -> (mean [C], second raw moment [C, C]), summed in float64, over `positions` like
     gram_matrix (so the parts of an image sum to the image's).
 
     Raw moments (not the covariance) because they are what blends linearly across styles and parts.
+    float64 because the mean-covariance loss's gradient amplifies rounding in them: a covariance of fewer
+    positions than channels (relu5_1 of a small image) has eigenvalues near zero, where d sqrt(x)/dx is
+    large, so float32 sums taken in another order (by tiles, say) moved that gradient by 2e-3.
     """
     with _no_autocast(features):
-        flat = _fp32(features)
+        flat = _fp32(features).double()
         count = positions or flat.shape[1]
         return flat.sum(1) / count, flat @ flat.T / count
 
@@ -181,13 +184,14 @@ class MeanCovarianceStyleLoss(nn.Module):
         super().__init__()
         if normalization != LossNormalization.RELATIVE:  # options.validate() refuses the combination
             raise ValueError(f"the mean-covariance loss is relative only, not {normalization}")
-        mean, second_moment = (t.detach().float() for t in target)
+        # float64 throughout, like the statistics (see mean_and_second_moment).
+        mean, second_moment = (t.detach().double() for t in target)
         covariance = second_moment - torch.outer(mean, mean)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         root = (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
         magnitude = torch.trace(second_moment)
         self.register_buffer("mean", mean)
-        self.register_buffer("covariance_root", root.float())
+        self.register_buffer("covariance_root", root)
         self.register_buffer("covariance_trace", torch.trace(covariance))
         self.register_buffer("scale", 1.0 / (magnitude + EPS))
         # Floor for eigenvalues of S_t^1/2 S S_t^1/2 (units: variance squared).
@@ -197,7 +201,8 @@ class MeanCovarianceStyleLoss(nn.Module):
         return self.of_statistics(mean_and_second_moment(features))
 
     def of_statistics(self, statistics: tuple[Tensor, Tensor]) -> Tensor:
-        mean, second_moment = statistics
+        """The loss from the features' (mean, second moment), in float64 like them; a float32 value."""
+        mean, second_moment = (statistic.double() for statistic in statistics)
         with _no_autocast(mean):
             covariance = second_moment - torch.outer(mean, mean)
             product = self.covariance_root @ covariance @ self.covariance_root
@@ -209,7 +214,7 @@ class MeanCovarianceStyleLoss(nn.Module):
                 + self.covariance_trace
                 - 2 * root_trace
             )
-            return distance * self.scale
+            return (distance * self.scale).float()
 
 
 STYLE_LOSSES: dict[str, type[GramStyleLoss] | type[MeanCovarianceStyleLoss]] = {
