@@ -135,12 +135,30 @@ def statistics_by_tiles(
     totals: dict[str, Any] = {}
     with torch.no_grad():
         for tile in tiles:
-            features = features_of(_crop(image, tile))
-            for name, statistic in statistics.items():
-                rows, columns = tile.core_features(downsampling[name])
-                share = statistic(features[name][..., rows, columns], positions(size, downsampling[name]))
-                totals[name] = share if name not in totals else _add(totals[name], share)
+            _accumulate(
+                totals, _shares(features_of(_crop(image, tile)), tile, statistics, size, downsampling)
+            )
     return totals
+
+
+def _shares(
+    features: Mapping[str, Tensor],
+    tile: Tile,
+    statistics: Mapping[str, StatisticFn],
+    size: tuple[int, int],
+    downsampling: Mapping[str, int],
+) -> dict[str, Any]:
+    """Each layer's statistic of a tile's core over the whole image's positions (size: height, width)."""
+    shares = {}
+    for name, statistic in statistics.items():
+        rows, columns = tile.core_features(downsampling[name])
+        shares[name] = statistic(features[name][..., rows, columns], positions(size, downsampling[name]))
+    return shares
+
+
+def _accumulate(totals: dict[str, Any], shares: Mapping[str, Any]) -> None:
+    for name, share in shares.items():
+        totals[name] = share if name not in totals else _add(totals[name], share)
 
 
 def features_by_tiles(
@@ -206,10 +224,7 @@ def tiled_terms(
         for tile in tiles:  # pass 1: statistics and values
             features = features_of(_crop(detached, tile))
             content = content + _content_share(objective.content, features, tile, downsampling).to(content)
-            for name, statistic in style_statistics.items():
-                rows, columns = tile.core_features(downsampling[name])
-                share = statistic(features[name][..., rows, columns], positions(size, downsampling[name]))
-                totals[name] = share if name not in totals else _add(totals[name], share)
+            _accumulate(totals, _shares(features, tile, style_statistics, size, downsampling))
     leaves = {
         name: tuple(t.detach().requires_grad_(gradient) for t in _leaves(v)) for name, v in totals.items()
     }
@@ -229,9 +244,7 @@ def tiled_terms(
             surrogate = (
                 _content_share(objective.content, features, tile, downsampling) * objective.content_weight
             )
-            for name, statistic in style_statistics.items():
-                rows, columns = tile.core_features(downsampling[name])
-                share = statistic(features[name][..., rows, columns], positions(size, downsampling[name]))
+            for name, share in _shares(features, tile, style_statistics, size, downsampling).items():
                 for leaf, part in zip(leaves[name], _leaves(share), strict=True):
                     surrogate = surrogate + (slopes[leaf] * part).sum()
             surrogate.backward()
