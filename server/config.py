@@ -51,6 +51,11 @@ class ServerConfig:
     # torch's intra-op threads (process-wide, shared by the workers); 0: the usable cores / workers.
     threads: int = 0
     max_queue: int = 16
+    # Decoded input pixels that requests being decoded and jobs waiting in this process (the memory broker
+    # queues decoded images) may hold together: about 1.6 GB at PIL's 4 bytes per RGB pixel, so that a full
+    # queue of the largest requests (9 x 40 Mpx each, 16 deep: 5.8 Gpx) cannot exhaust memory (README, The
+    # server: memory).
+    max_queued_pixels: int = 400_000_000
     device: str = "auto"
     # "auto", or an ordered subset of PROVIDER_CHOICES.
     providers: tuple[str, ...] = ("auto",)
@@ -236,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=_default("max_queue"),
         help="jobs that may wait (with the redis broker: across the fleet); more get RESOURCE_EXHAUSTED",
+    )
+    add(
+        "--max-queued-pixels",
+        type=_positive_int,
+        default=_default("max_queued_pixels"),
+        help="decoded input pixels (width*height, from the headers) that requests being decoded and jobs "
+        "waiting in this process may hold together; a request that would go over gets RESOURCE_EXHAUSTED "
+        "at once (one alone is always admitted). The redis broker queues encoded requests",
     )
     add(
         "--device",
@@ -451,6 +464,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         workers=args.workers,
         threads=args.threads,
         max_queue=args.max_queue,
+        max_queued_pixels=args.max_queued_pixels,
         device=args.device,
         providers=args.providers,
         trt_cache_dir=args.trt_cache_dir,

@@ -27,7 +27,7 @@ from stylize.api.presets import PRESETS, apply_preset, unknown_preset
 from stylize.server.engine.records import Losses, Progress, Started
 from stylize.v1 import stylize_pb2 as pb
 
-from .codec import decode_image
+from .codec import load_image, open_image
 
 OUTPUT_DEFAULT_ENCODING = "png"
 
@@ -47,6 +47,12 @@ class JobRequest:
     @property
     def options(self) -> StyleOptions:
         return self.checked.options
+
+    @property
+    def pixels(self) -> int:
+        """Decoded pixels of its images (width x height, summed): what it holds while it waits."""
+        images = (self.content, *(image for image, _ in self.styles))
+        return sum(image.width * image.height for image in images)
 
 
 def options_from_proto(message: pb.StyleOptions, path: str = "options", preset: str = "") -> StyleOptions:
@@ -81,22 +87,59 @@ def _request_field(field: str) -> str:
     return f"options.{field}"
 
 
-def _decode_all(
+def _images(request: pb.StylizeRequest, limits: Limits) -> list[tuple[bytes, str]]:
+    """The request's encoded images and their fields; no styles when their number is out of bounds
+    (validate() reports it, and opening a flood of images would be wasted work)."""
+    images = [(request.content_image, "content_image")]
+    if 1 <= len(request.styles) <= limits.max_styles:
+        images += [(style.image, f"styles[{index}].image") for index, style in enumerate(request.styles)]
+    return images
+
+
+def _open_all(
     request: pb.StylizeRequest, limits: Limits, violations: list[FieldViolation]
-) -> tuple[Image.Image | None, list[Image.Image]]:
-    def decode(data: bytes, field: str) -> Image.Image | None:
+) -> list[Image.Image | None]:
+    """Every image opened, its header checked (no pixel decoded); None where it failed."""
+    opened: list[Image.Image | None] = []
+    for data, field in _images(request, limits):
         try:
-            return decode_image(
-                data, field, max_bytes=limits.max_image_bytes, max_pixels=limits.max_input_pixels
+            opened.append(
+                open_image(data, field, max_bytes=limits.max_image_bytes, max_pixels=limits.max_input_pixels)
             )
         except OptionsError as error:
             violations.extend(error.violations)
-            return None
+            opened.append(None)
+    return opened
 
-    content = decode(request.content_image, "content_image")
-    if not 1 <= len(request.styles) <= limits.max_styles:
-        return content, []  # validate() reports the count; decoding a flood of images would be wasted work
-    styles = [decode(style.image, f"styles[{index}].image") for index, style in enumerate(request.styles)]
+
+def input_pixels(request: pb.StylizeRequest, limits: Limits) -> int:
+    """The decoded pixels (width x height, summed) the request's images would hold, from their headers
+    alone; OptionsError naming the images whose header is unusable."""
+    violations: list[FieldViolation] = []
+    opened = _open_all(request, limits, violations)
+    if violations:
+        raise OptionsError(violations)
+    return sum(image.width * image.height for image in opened if image is not None)
+
+
+def _decode_all(
+    request: pb.StylizeRequest, limits: Limits, violations: list[FieldViolation]
+) -> tuple[Image.Image | None, list[Image.Image]]:
+    """Every header first, then, only when all of them passed, the pixels: one bad header costs no
+    decoding."""
+    opened = _open_all(request, limits, violations)
+    if violations:
+        return None, []
+    fields = [field for _, field in _images(request, limits)]
+    decoded: list[Image.Image | None] = []
+    for image, field in zip(opened, fields, strict=True):
+        assert image is not None  # no violations: every header passed
+        try:
+            decoded.append(load_image(image, field))
+        except OptionsError as error:
+            violations.extend(error.violations)
+            decoded.append(None)
+    content, styles = decoded[0], decoded[1:]
     return content, [image for image in styles if image is not None]
 
 

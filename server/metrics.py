@@ -44,7 +44,14 @@ RPC_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60
 SIZE_CLASSES = (("small", 256), ("medium", 512), ("large", 1024))
 LARGEST_SIZE_CLASS = "xlarge"
 JOB_PHASES = ("targets", "optimize", "encode")
-REJECTION_REASONS = ("invalid_argument", "queue_full", "deadline_too_short", "shutdown", "unavailable")
+REJECTION_REASONS = (
+    "invalid_argument",
+    "queue_full",
+    "queued_pixels",
+    "deadline_too_short",
+    "shutdown",
+    "unavailable",
+)
 
 
 def size_class(size: int) -> str:

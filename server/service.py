@@ -35,6 +35,7 @@ from . import convert
 from .auth import Tenant, current_tenant, token_digest
 from .broker import SHUTDOWN, BrokerUnavailable, JobEnd, JobOwner, Rejected, over_tenant_limit
 from .config import ServerConfig
+from .convert import JobRequest
 from .errors import JobStatus, abort, deadline_passed
 from .estimate import job_kinds
 from .jobs import JobManager, outcome_status
@@ -73,6 +74,37 @@ class DecodeSlots:
                 del self._busy[tenant.name]
 
 
+class PixelBudget:
+    """The decoded input pixels this server holds before a worker takes them, against
+    --max-queued-pixels: requests being decoded (reserved from their headers before any pixel is) and
+    the jobs waiting in the broker (the memory broker queues decoded images)."""
+
+    def __init__(self, maximum: int):
+        self._maximum = maximum
+        self.decoding = 0
+
+    def refusal(self, pixels: int, queued: int) -> JobStatus | None:
+        """Why a request of `pixels` must wait, or None. One alone is always admitted: the budget never
+        makes a valid request impossible."""
+        held = self.decoding + queued
+        if held == 0 or held + pixels <= self._maximum:
+            return None
+        return JobStatus(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"queue full: waiting and decoding requests hold {held} decoded pixels, this one has {pixels}; "
+            f"the limit is {self._maximum} (--max-queued-pixels)",
+            reason="queued_pixels",
+        )
+
+    @contextlib.contextmanager
+    def holding(self, pixels: int) -> Iterator[None]:
+        self.decoding += pixels
+        try:
+            yield
+        finally:
+            self.decoding -= pixels
+
+
 class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
     def __init__(
         self,
@@ -87,6 +119,7 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         self._runtime = runtime_ready
         self._manager = manager
         self._decodes = DecodeSlots()
+        self._pixels = PixelBudget(config.max_queued_pixels)
         # Cancellations started for callers that left, kept so they are not garbage-collected mid-way.
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -125,27 +158,54 @@ class StyleTransferService(stylize_pb2_grpc.StyleTransferServicer):
         """Queue the job: (job id, jobs ahead of it, its watch token or "")."""
         manager = await self._require_manager(context)
         tenant = current_tenant.get()
-        # Before decoding: a full queue refuses a 60 MiB request as fast as a tiny one.
+        # Before any image is looked at: a full queue refuses a 60 MiB request as fast as a tiny one.
         refusal = manager.broker.admission()
         if refusal is not None:
             await self._reject(context, refusal)
-        with self._decodes.slot(tenant) as refusal:
-            if refusal is not None:
-                await self._reject(context, refusal)
-            decoding = asyncio.ensure_future(
-                asyncio.to_thread(convert.request_from_proto, request, self._config.limits)
-            )
-            try:
-                job_request = await asyncio.shield(decoding)
-                self._runtime().check_backbone(job_request.options)
-            except OptionsError as error:
-                await self._reject(context, JobStatus.invalid(error))
-            except asyncio.CancelledError:
-                # The caller left, but the decode runs on in its thread: the slot is held until it ends,
-                # so cancelling and sending again does not get past max_concurrent_decodes.
-                with contextlib.suppress(Exception):
-                    await decoding
-                raise
+        with contextlib.ExitStack() as held:
+            with self._decodes.slot(tenant) as refusal:
+                if refusal is not None:
+                    await self._reject(context, refusal)
+                # Then the images' headers, before any pixel is decoded: what they hold once decoded.
+                try:
+                    pixels = await asyncio.to_thread(convert.input_pixels, request, self._config.limits)
+                except OptionsError as error:
+                    await self._reject(context, JobStatus.invalid(error))
+                refusal = self._pixels.refusal(pixels, manager.broker.held_pixels())
+                if refusal is not None:
+                    await self._reject(context, refusal)
+                # Counted from here until the broker holds the job, or the request is refused.
+                held.enter_context(self._pixels.holding(pixels))
+                job_request = await self._decode(request, context)
+            return await self._queue(request, job_request, context, manager, tenant, owned_by_call)
+
+    async def _decode(self, request: pb.StylizeRequest, context: grpc.aio.ServicerContext) -> JobRequest:
+        decoding = asyncio.ensure_future(
+            asyncio.to_thread(convert.request_from_proto, request, self._config.limits)
+        )
+        try:
+            job_request = await asyncio.shield(decoding)
+            self._runtime().check_backbone(job_request.options)
+        except OptionsError as error:
+            await self._reject(context, JobStatus.invalid(error))
+        except asyncio.CancelledError:
+            # The caller left, but the decode runs on in its thread: its decode slot and its pixels are
+            # held until it ends, so cancelling and sending again gets past neither limit.
+            with contextlib.suppress(Exception):
+                await decoding
+            raise
+        return job_request
+
+    async def _queue(
+        self,
+        request: pb.StylizeRequest,
+        job_request: JobRequest,
+        context: grpc.aio.ServicerContext,
+        manager: JobManager,
+        tenant: Tenant,
+        owned_by_call: bool,
+    ) -> tuple[str, int, str]:
+        """The deadline rule, then the hand-over to the broker: (job id, jobs ahead, watch token)."""
         plan = schedule.plan_for(job_request.options, job_request.content.size)
         # Only a Stylize call lives as long as its job; SubmitJob's deadline covers the submission alone.
         remaining = context.time_remaining() if owned_by_call else None

@@ -23,6 +23,7 @@ from serverproc import (
     StreamReader,
     collect,
     final_iteration,
+    png_bytes,
     sample,
     scrape,
     stylize_request,
@@ -110,7 +111,9 @@ def test_health_is_serving_only_after_the_parity_probe_and_a_first_deadline_canc
 
 def test_a_full_queue_refuses_the_next_job_with_resource_exhausted(model_dir) -> None:
     # No grace at the end: the long jobs are left running and would hold the shutdown for the default 30 s.
-    flags = ("--device", "cpu", "--workers", "1", "--max-queue", "2", "--grace-seconds", "0")
+    # Pixels: each LONG or SMALL request holds 64x64 + 48x64 = 7168 decoded pixels while it waits.
+    flags = ("--device", "cpu", "--workers", "1", "--max-queue", "2", "--max-queued-pixels", "20000")
+    flags += ("--grace-seconds", "0")
     with ServerProcess(model_dir, *flags) as server:
         stub = stub_for(server)
         running = stub.SubmitJob(stylize_request(LONG), timeout=10)
@@ -139,8 +142,16 @@ def test_a_full_queue_refuses_the_next_job_with_resource_exhausted(model_dir) ->
         assert stub.CancelJob(pb.CancelJobRequest(job_id=queued[0].job_id), timeout=10).state == (
             pb.JOB_STATE_CANCELLED
         )
+        # One place is free, but a 128x128 content would take the waiting pixels to 7168 + 19456 > 20000.
+        larger = stylize_request(SMALL, content_image=png_bytes(1, (128, 128)))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.SubmitJob(larger, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-queued-pixels" in caught.value.details()
         assert stub.SubmitJob(stylize_request(SMALL), timeout=10).queue_position == 1
-        assert sample(scrape(server.metrics_url), "stylize_jobs_total", status="rejected") == 3
+        samples = scrape(server.metrics_url)
+        assert sample(samples, "stylize_jobs_total", status="rejected", reason="queue_full") == 3
+        assert sample(samples, "stylize_jobs_total", status="rejected", reason="queued_pixels") == 1
 
 
 def test_sigterm_lets_jobs_finish_within_the_grace_period_cancels_the_rest_and_exits_0(model_dir) -> None:

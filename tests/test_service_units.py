@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
 import redis
 import torch
+from PIL import Image
 from prometheus_client import generate_latest
 from redisproc import RedisProcess
 from serverproc import png_bytes, stylize_request
+from test_reliability_fuzz import png_claiming
 
 from stylize.api import wire
 from stylize.api.options import DEFAULT_LIMITS, DEFAULTS, FieldViolation, Optimizer, OptionsError, Pooling
@@ -25,7 +29,7 @@ from stylize.server.broker import Broker, BrokerUnavailable, JobEnd, JobOwner, R
 from stylize.server.broker.memory import SUBSCRIBER_BACKLOG, Job, MemoryBroker
 from stylize.server.broker.redis import RedisBroker
 from stylize.server.codec import decode_image
-from stylize.server.config import ENV_PREFIX, build_parser, parse_config
+from stylize.server.config import ENV_PREFIX, ServerConfig, build_parser, parse_config
 from stylize.server.engine.imageio import tensor_to_pil
 from stylize.server.engine.records import Cancelled, Losses, NonFiniteLoss, Progress, Result, Started
 from stylize.server.errors import InternalErrorInterceptor, JobStatus
@@ -38,9 +42,10 @@ from stylize.server.metrics import (
     go_code_name,
     new_registry,
 )
-from stylize.server.service import DecodeSlots
+from stylize.server.service import DecodeSlots, PixelBudget
 from stylize.v1 import stylize_pb2 as pb
 
+ORIENTATION = 0x0112  # the EXIF tag
 LOSSES = Losses(total=3.0, content=1.0, style=1.0, total_variation=1.0)
 
 
@@ -346,6 +351,50 @@ def test_a_job_stopped_by_its_callers_deadline_counts_as_deadline_exceeded_not_c
     assert 'status="cancelled"' not in text
 
 
+def test_the_memory_broker_counts_the_decoded_pixels_of_waiting_jobs_only(make_broker) -> None:
+    async def scenario():
+        engine = FakeEngine(iterations=2)
+        engine.step.clear()  # the worker blocks inside the first job
+        manager = await start_manager(engine, make_broker, max_queue=3)
+        held = [manager.broker.held_pixels()]
+        await submit(manager)
+        while manager.snapshot().running == 0:
+            await asyncio.sleep(0.01)
+        held.append(manager.broker.held_pixels())  # the running job's images are no longer waiting
+        waiting = [(await submit(manager))[0] for _ in range(2)]
+        held.append(manager.broker.held_pixels())
+        await manager.broker.cancel(waiting[0], JobStatus(grpc.StatusCode.CANCELLED, "test"))
+        held.append(manager.broker.held_pixels())
+        engine.step.set()
+        await follow(manager, waiting[1])
+        held.append(manager.broker.held_pixels())
+        await stop_manager(manager)
+        return held
+
+    pixels = a_request().pixels
+    assert pixels == 64 * 64 + 48 * 64
+    expected = [0, 0, 2 * pixels, pixels, 0] if make_broker is memory_broker else [0] * 5
+    assert asyncio.run(scenario()) == expected
+
+
+def test_a_finished_job_keeps_its_events_but_not_its_decoded_images() -> None:
+    """The memory broker keeps a finished job watchable for finished_job_ttl; its images (up to 9 x 40 Mpx)
+    must not stay with it."""
+
+    async def scenario():
+        manager = await start_manager(FakeEngine(iterations=1), memory_broker)
+        job_id, _ = await submit(manager)
+        await follow(manager, job_id)
+        job = manager.broker._jobs[job_id]
+        late, end = await follow(manager, job_id)
+        await stop_manager(manager)
+        return job, late, end
+
+    job, late, end = asyncio.run(scenario())
+    assert job.request is None and end.state == pb.JOB_STATE_SUCCEEDED
+    assert late[-1].HasField("completed") and late[-1].client_tag == job.client_tag
+
+
 def test_cancelling_a_queued_job_frees_its_place_at_once(make_broker) -> None:
     async def scenario():
         engine = FakeEngine(iterations=2)
@@ -502,6 +551,26 @@ def test_a_request_with_several_problems_reports_all_of_them() -> None:
     assert {"options.size", "options.style_layers[0].weight", "styles[1].weight", "preview.every"} <= fields
 
 
+def test_every_header_is_checked_before_any_pixel_is_decoded(monkeypatch) -> None:
+    """A request whose last style is a decompression bomb costs no decoding of the images before it, and
+    its decoded pixels are known from the headers alone."""
+    loaded: list[str] = []
+    monkeypatch.setattr(convert, "load_image", lambda image, field: loaded.append(field) or image)
+    request = stylize_request()
+    request.styles.add(image=png_claiming(50_000, 50_000))
+    with pytest.raises(OptionsError) as caught:
+        convert.request_from_proto(request, DEFAULT_LIMITS)
+    assert [v.field for v in caught.value.violations] == ["styles[1].image"]
+    with pytest.raises(OptionsError):
+        convert.input_pixels(request, DEFAULT_LIMITS)
+    assert loaded == []
+    del request.styles[1]
+    assert convert.input_pixels(request, DEFAULT_LIMITS) == 64 * 64 + 48 * 64
+    assert loaded == []
+    convert.request_from_proto(request, DEFAULT_LIMITS)
+    assert loaded == ["content_image", "styles[0].image"]
+
+
 def test_style_weights_default_to_one_and_images_are_kept_upright() -> None:
     request = stylize_request()
     request.styles.add(image=png_bytes(6, (32, 40)), weight=3.0)
@@ -509,6 +578,22 @@ def test_style_weights_default_to_one_and_images_are_kept_upright() -> None:
     assert [weight for _, weight in job.styles] == [1.0, 3.0]
     assert job.content.size == (64, 64) and job.styles[1][0].size == (32, 40)
     assert job.output_encoding == "png" and job.preview.every == 0
+
+
+def test_a_photo_with_an_exif_orientation_is_decoded_upright() -> None:
+    """Orientation 6 (the camera was turned 90 degrees clockwise): the decoded image is turned back, its
+    width and height swapped, and the tag gone so nothing turns it twice."""
+    photo = Image.new("RGB", (40, 32), (255, 0, 0))
+    photo.paste((0, 0, 255), (0, 0, 20, 32))  # the left half blue
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    decoded = decode_image(buffer.getvalue(), "content_image", max_bytes=1 << 20, max_pixels=1 << 20)
+    assert decoded.size == (32, 40) and ORIENTATION not in decoded.getexif()
+    top, bottom = decoded.getpixel((16, 2)), decoded.getpixel((16, 37))
+    assert top[2] > 200 and top[0] < 60  # the left (blue) half is on top once turned back
+    assert bottom[0] > 200 and bottom[2] < 60
 
 
 def wire_bytes(status: JobStatus) -> int:
@@ -571,6 +656,17 @@ def test_a_cancelled_call_at_its_deadline_is_counted_deadline_exceeded(remaining
     recorder.finish(EndedContext(remaining), asyncio.CancelledError())
     text = generate_latest(registry).decode()
     assert f'grpc_server_handled_total{{grpc_code="{expected}",grpc_method="Stylize"' in text
+
+
+def test_the_queued_pixel_cap_is_one_default_that_the_flag_and_the_readme_state() -> None:
+    default = ServerConfig(model_dir=Path("m")).max_queued_pixels
+    assert parse_config(["--model-dir", "m"], {}).max_queued_pixels == default
+    assert (
+        parse_config(["--model-dir", "m"], {f"{ENV_PREFIX}MAX_QUEUED_PIXELS": "1000"}).max_queued_pixels
+        == 1000
+    )
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"`--max-queued-pixels` (decoded\n  width x height, default {default:,}" in readme
 
 
 def test_the_broker_flag_takes_memory_or_a_redis_url() -> None:
@@ -663,6 +759,19 @@ def test_a_tenant_gets_only_its_concurrent_decodes() -> None:
         assert "max_concurrent_decodes 1" in second.message and second.retry_after_seconds == 1.0
     with slots.slot(limited) as again:
         assert again is None  # the slot was given back
+
+
+def test_the_pixel_budget_counts_decoding_and_waiting_requests_and_admits_one_alone() -> None:
+    budget = PixelBudget(1000)
+    assert budget.refusal(5000, queued=0) is None  # alone: admitted, however large
+    assert budget.refusal(600, queued=400) is None
+    refused = budget.refusal(601, queued=400)
+    assert refused is not None and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.outcome_reason == "queued_pixels" and "--max-queued-pixels" in refused.message
+    with budget.holding(700):
+        assert budget.refusal(301, queued=0) is not None  # a request being decoded counts
+        assert budget.refusal(300, queued=0) is None
+    assert budget.decoding == 0 and budget.refusal(301, queued=0) is None
 
 
 # ---------------------------------------------------------------- the Redis broker's edge cases

@@ -185,6 +185,11 @@ class Broker(Protocol):
         """The queue now (memory), or at the last poll, a second old at most (redis)."""
         ...
 
+    def held_pixels(self) -> int:
+        """Decoded input pixels that jobs waiting in this process hold (memory: their images; redis:
+        none, its queue holds the encoded requests and a worker decodes its job when it takes it)."""
+        ...
+
     def start_draining(self) -> None:
         """Refuse new jobs from now on, and take no more."""
         ...

@@ -42,7 +42,9 @@ SUBSCRIBER_BACKLOG = 64
 
 def queue_full(depth: int, capacity: int) -> JobStatus:
     return JobStatus(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {depth} jobs waiting (capacity {capacity})"
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"queue full: {depth} jobs waiting (capacity {capacity})",
+        reason="queue_full",
     )
 
 
@@ -83,7 +85,10 @@ class Job:
 
     def __init__(self, request: JobRequest, *, owned_by_call: bool, owner: JobOwner):
         self.id = uuid.uuid4().hex
-        self.request = request
+        # Dropped when the job finishes: its decoded images must not outlive it for the finished-job TTL.
+        self.request: JobRequest | None = request
+        self.client_tag = request.client_tag
+        self.pixels = request.pixels
         self.owner = owner
         self.owned_by_call = owned_by_call
         self.state = pb.JOB_STATE_QUEUED
@@ -115,7 +120,7 @@ class Job:
         event.job_id = self.id
         event.sequence = self._sequence
         event.elapsed_seconds = time.monotonic() - self.accepted_at
-        event.client_tag = self.request.client_tag
+        event.client_tag = self.client_tag
         kind = event.WhichOneof("event")
         if kind == "queued":
             self._queued = event
@@ -136,6 +141,7 @@ class Job:
             return
         self.state = state
         self.status = status
+        self.request = None
         for subscription in self._subscriptions:
             subscription.close()
         self._subscriptions.clear()
@@ -172,6 +178,7 @@ class MemoryLease:
         self._broker = broker
         self._job = job
         self.job_id = job.id
+        assert job.request is not None  # a job leaves the queue before it can finish
         self.request = job.request
         self.tenant = job.owner.tenant
         self.attempt = 1
@@ -201,6 +208,8 @@ class MemoryBroker:
         self._loop = loop
         self._jobs: dict[str, Job] = {}
         self._waiting: collections.deque[Job] = collections.deque()
+        # The decoded input pixels of the waiting jobs' images.
+        self._held_pixels = 0
         self._running: set[Job] = set()
         self._condition = threading.Condition()
         self._draining = False
@@ -257,6 +266,7 @@ class MemoryBroker:
             self._charge(owner.tenant, work)
             position = len(self._waiting)
             self._waiting.append(job)
+            self._held_pixels += request.pixels
             self._idle.clear()
             self._condition.notify()
         self._jobs[job.id] = job
@@ -321,6 +331,7 @@ class MemoryBroker:
             was_waiting = job in self._waiting
             if was_waiting:
                 self._waiting.remove(job)
+                self._held_pixels -= job.pixels
         if was_waiting:
             self._finish(job, pb.JOB_STATE_CANCELLED, status)
         return was_waiting
@@ -333,6 +344,10 @@ class MemoryBroker:
             oldest = self._waiting[0].accepted_at if self._waiting else None
             depth = len(self._waiting)
         return QueueFigures(depth, self._max_queue, 0.0 if oldest is None else time.monotonic() - oldest)
+
+    def held_pixels(self) -> int:
+        with self._condition:
+            return self._held_pixels
 
     def start_draining(self) -> None:
         with self._condition:
@@ -373,5 +388,6 @@ class MemoryBroker:
                     return None
                 self._condition.wait(remaining)
             job = self._waiting.popleft()
+            self._held_pixels -= job.pixels
             self._running.add(job)
         return MemoryLease(self, job)

@@ -496,6 +496,9 @@ class RedisBroker:
     def figures(self) -> QueueFigures:
         return self._figures
 
+    def held_pixels(self) -> int:
+        return 0
+
     def call_soon(self, callback: Callable[..., object], *args: object) -> None:
         call_soon_threadsafe(self._loop, callback, *args)
 
