@@ -279,6 +279,43 @@ def test_grey_modes_decode_to_their_values(mode: str, tmp_path) -> None:
     assert _gradient_quarters(image) == pytest.approx(expected, abs=0.02)
 
 
+def _one_pixel(mode: str, value: object, **info: object) -> Image.Image:
+    image = Image.new(mode, (1, 1), value)  # type: ignore[arg-type]
+    image.info.update(info)
+    return image
+
+
+def _palette(transparent: bool) -> Image.Image:
+    image = Image.new("P", (2, 1))
+    image.putpalette([200, 40, 10, 0, 0, 255])
+    image.putdata([0, 1])
+    if transparent:
+        image.info["transparency"] = 1  # the second colour is see-through: white behind it
+    return image
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (Image.frombytes("1", (8, 1), bytes([0b10100000])), [[1, 0, 1, 0, 0, 0, 0, 0]] * 3),
+        (_one_pixel("LA", (100, 255)), [[100 / 255]] * 3),
+        (_one_pixel("LA", (0, 0)), [[1.0]] * 3),  # fully transparent: the white background
+        (_one_pixel("RGB", (255, 128, 0)), [[1.0], [128 / 255], [0.0]]),
+        (_one_pixel("RGBA", (0, 0, 0, 128)), [[127 / 255]] * 3),  # half black over white
+        (_one_pixel("CMYK", (255, 0, 0, 0)), [[0.0], [1.0], [1.0]]),  # cyan
+        (_one_pixel("CMYK", (0, 0, 0, 255)), [[0.0]] * 3),  # black
+        (_palette(False), [[200 / 255, 0.0], [40 / 255, 0.0], [10 / 255, 1.0]]),
+        (_palette(True), [[200 / 255, 1.0], [40 / 255, 1.0], [10 / 255, 1.0]]),
+    ],
+    ids=["1", "LA", "LA-transparent", "RGB", "RGBA", "CMYK-cyan", "CMYK-black", "P", "P+tRNS"],
+)
+def test_every_colour_mode_decodes_to_its_reference_rgb(image: Image.Image, expected) -> None:
+    """Issue 16: each PIL mode the server accepts, against its RGB reference (transparency over white)."""
+    decoded = pil_to_tensor(image)
+    assert decoded.shape == (3, 1, len(expected[0]))
+    assert torch.allclose(decoded[:, 0, :], torch.tensor(expected, dtype=torch.float32), atol=1 / 255)
+
+
 def test_lbfgs_accepts_a_non_contiguous_content_image() -> None:
     # pil_to_tensor returns a permuted (non-contiguous) view; torch's LBFGS flattens the
     # gradient with view(-1), which fails unless the optimized image is contiguous.
