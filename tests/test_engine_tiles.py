@@ -76,12 +76,12 @@ def random_network() -> VGGFeatures:
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_a_tiled_job_takes_the_whole_image_step_with_either_optimizer(optimizer, random_network) -> None:
-    content = sample("chelsea.png", (192, 160))
-    style = sample("hubble_deep_field.jpg", (128, 128))
+    content = sample("chelsea.png", (128, 96))
+    style = sample("hubble_deep_field.jpg", (96, 96))
     options = dataclasses.replace(
         DEFAULTS,
-        size=192,
-        min_size=192,
+        size=128,
+        min_size=128,
         initial_iterations=2,
         optimizer=optimizer,
         precision="fp32",
@@ -99,7 +99,7 @@ def test_a_tiled_job_takes_the_whole_image_step_with_either_optimizer(optimizer,
         return records[-1].image
 
     whole = output()
-    tiled = output(tile_size=64, tile_halo=64)
+    tiled = output(tile_size=64, tile_halo=32)  # relu3_1 sees 13 px each way: 32 covers it
     moved = (tiled - content).norm()
     assert moved > 0.01  # the job did move the image
     assert (tiled - whole).norm() / (whole - content).norm() < 1e-2
