@@ -18,15 +18,16 @@ from enum import StrEnum
 from typing import Any, cast
 
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
-from google.protobuf.message import Message
 
-from stylize.api.options import FieldViolation, PreviewOptions, StyleOptions
+from stylize.api.options import DEFAULT_PREVIEW, DEFAULTS, FieldViolation, PreviewOptions, StyleOptions
 from stylize.v1 import stylize_pb2 as pb
 
 # The gRPC port a server listens on and a client calls, unless told otherwise.
 DEFAULT_PORT = 50051
 # The gRPC message limit both sides set by default: a maximum-size input image plus a few styles.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The encoding of a result whose request left output_format unset, as the proto documents.
+DEFAULT_OUTPUT_FORMAT = "png"
 # The proto's documented default for LayerWeight.weight and StyleImage.weight.
 DEFAULT_WEIGHT = 1.0
 _FORMAT_ENUM: EnumDescriptor = pb.ImageFormat.DESCRIPTOR
@@ -90,8 +91,16 @@ def style_weights(request: pb.StylizeRequest) -> list[float]:
     return [_weight(style) for style in request.styles]
 
 
-def _record_type(message: Message) -> type[StyleOptions] | type[PreviewOptions]:
-    return StyleOptions if isinstance(message, pb.StyleOptions) else PreviewOptions
+def _kinds(record: StyleOptions | PreviewOptions) -> dict[str, type]:
+    """Each field of an options record with the type its values have (read off the defaults)."""
+    return {field.name: type(getattr(record, field.name)) for field in fields(record)}
+
+
+# By proto message: the record's fields and their kinds, worked out once.
+_KINDS = {
+    pb.StyleOptions.DESCRIPTOR.full_name: _kinds(DEFAULTS),
+    pb.PreviewOptions.DESCRIPTOR.full_name: _kinds(DEFAULT_PREVIEW),
+}
 
 
 def values_from_proto(
@@ -100,11 +109,9 @@ def values_from_proto(
     """The fields set in `message` by the record's names, as the record holds them (enums as the engine's
     StrEnums, formats as "png"..., layers as (name, weight) pairs, float32 as its shortest decimal), and a
     violation for each enum number this proto does not define. Field paths start with `path`."""
-    record = _record_type(message)
-    kinds = {field.name: type(getattr(record(), field.name)) for field in fields(record)}
     values: dict[str, object] = {}
     violations: list[FieldViolation] = []
-    for name, kind in kinds.items():
+    for name, kind in _KINDS[message.DESCRIPTOR.full_name].items():
         descriptor = message.DESCRIPTOR.fields_by_name[name]
         if descriptor.message_type is pb.LayerWeight.DESCRIPTOR:
             if layers := getattr(message, name):

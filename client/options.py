@@ -259,8 +259,9 @@ def image_format_to_proto(name: str, field: str) -> stylize_pb2.ImageFormat:
 
 
 def image_format_from_proto(number: int) -> str:
-    """ "png", "jpeg" or "webp"; PNG for UNSPECIFIED or a format this client does not know."""
+    """ "png", "jpeg" or "webp"; the API's default (PNG) for UNSPECIFIED or a format this client does not
+    know."""
     try:
-        return wire.image_format_from_proto(number) or "png"
+        return wire.image_format_from_proto(number) or wire.DEFAULT_OUTPUT_FORMAT
     except KeyError:
-        return "png"
+        return wire.DEFAULT_OUTPUT_FORMAT

@@ -29,8 +29,6 @@ from stylize.v1 import stylize_pb2 as pb
 
 from .codec import load_image, open_image
 
-OUTPUT_DEFAULT_ENCODING = "png"
-
 
 @dataclass(frozen=True)
 class JobRequest:
@@ -175,9 +173,9 @@ def request_from_proto(request: pb.StylizeRequest, limits: Limits) -> JobRequest
     except OptionsError as error:
         violations += error.violations
 
-    output_encoding = OUTPUT_DEFAULT_ENCODING
+    output_encoding = wire.DEFAULT_OUTPUT_FORMAT
     try:
-        output_encoding = wire.image_format_from_proto(request.output_format) or OUTPUT_DEFAULT_ENCODING
+        output_encoding = wire.image_format_from_proto(request.output_format) or wire.DEFAULT_OUTPUT_FORMAT
     except KeyError:
         violations.append(FieldViolation("output_format", f"unknown enum value {request.output_format}"))
     violations += engine_options.client_tag_violations(request.client_tag)
