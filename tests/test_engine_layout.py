@@ -8,27 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from samples import sample
 from torch.profiler import ProfilerActivity, profile
 
 from stylize.api.options import DEFAULTS, Precision
 from stylize.model.vgg import VGGFeatures, random_state_dict
-from stylize.server.engine.imageio import pil_to_tensor
 from stylize.server.engine.records import Progress, Started
 from stylize.server.engine.run import NETWORK_MEMORY_FORMAT, stylize
 
-SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 CPU = torch.device("cpu")
-
-
-def sample(name: str, edge: int) -> torch.Tensor:
-    image = Image.open(SAMPLES / name)
-    image.thumbnail((edge, edge))
-    return pil_to_tensor(image)
 
 
 @pytest.fixture(autouse=True)

@@ -6,13 +6,13 @@ import dataclasses
 import math
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from samples import sample
 
 from stylize.api.options import DEFAULTS, Limits, OptionsError, StyleOptions, validate
 from stylize.model.vgg import VGGFeatures, random_state_dict
@@ -23,14 +23,7 @@ from stylize.server.engine.optimizers import LBFGSStepper
 from stylize.server.engine.records import Cancelled, NonFiniteLoss, Progress, Result, Started
 from stylize.server.engine.run import stylize
 
-SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 CPU = torch.device("cpu")
-
-
-def sample(name: str, edge: int) -> torch.Tensor:
-    image = Image.open(SAMPLES / name)
-    image.thumbnail((edge, edge))
-    return pil_to_tensor(image)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from samples import sample_sized
 
 from stylize.api.options import DEFAULTS, TILE_ALIGN, OptionsError, validate
 from stylize.model.vgg import VGGFeatures, random_state_dict
 from stylize.server.engine import tiles
-from stylize.server.engine.imageio import pil_to_tensor
 from stylize.server.engine.records import Result
 from stylize.server.engine.run import stylize
 
-SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 CPU = torch.device("cpu")
-
-
-def sample(name: str, size: tuple[int, int]) -> torch.Tensor:
-    return pil_to_tensor(Image.open(SAMPLES / name).convert("RGB").resize(size))
 
 
 @pytest.mark.parametrize(
@@ -76,8 +69,8 @@ def random_network() -> VGGFeatures:
 
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_a_tiled_job_takes_the_whole_image_step_with_either_optimizer(optimizer, random_network) -> None:
-    content = sample("chelsea.png", (128, 96))
-    style = sample("hubble_deep_field.jpg", (96, 96))
+    content = sample_sized("chelsea.png", (128, 96))
+    style = sample_sized("hubble_deep_field.jpg", (96, 96))
     options = dataclasses.replace(
         DEFAULTS,
         size=128,
@@ -113,7 +106,7 @@ def test_a_scale_that_does_not_fit_in_memory_runs_tiled(random_network, monkeypa
     # first scale runs whole and the two larger ones in tiles.
     monkeypatch.setattr(tiles, "free_memory", lambda device: 30_000_000)
     monkeypatch.setattr(tiles, "tiled_terms", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
-    content = sample("chelsea.png", (128, 96))
+    content = sample_sized("chelsea.png", (128, 96))
     options = dataclasses.replace(
         DEFAULTS, size=128, min_size=64, initial_iterations=1, iterations=1, precision="fp32"
     )

@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from samples import SAMPLES, sample
 
 from stylize.api import presets, schedule
 from stylize.api.options import (
@@ -34,12 +33,10 @@ from stylize.client.errors import InvalidArgument
 from stylize.client.request import build_request
 from stylize.model.vgg import VGGFeatures, random_state_dict
 from stylize.server import convert
-from stylize.server.engine.imageio import pil_to_tensor
 from stylize.server.engine.records import Result, Started
 from stylize.server.engine.run import stylize
 from stylize.v1 import stylize_pb2 as pb
 
-SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 CPU = torch.device("cpu")
 # The recipes issue 8 defines with their network; fast-preview and quality run on either.
 NAMES_ITS_BACKBONE = {"gatys2016": "vgg19", "johnson-vgg16": "vgg16", "keras-vgg19-adam": "vgg19"}
@@ -64,12 +61,6 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def extractors() -> dict[str, VGGFeatures]:
     return {arch: VGGFeatures(arch=arch).load_weights(random_state_dict(0, arch)) for arch in Backbone}
-
-
-def sample(name: str, edge: int) -> torch.Tensor:
-    image = Image.open(SAMPLES / name)
-    image.thumbnail((edge, edge))
-    return pil_to_tensor(image)
 
 
 def at_64_px(options: StyleOptions, backbone: str) -> StyleOptions:
