@@ -236,8 +236,8 @@ def tiled_terms(
     if gradient:
         flat = [leaf for parts in leaves.values() for leaf in parts]
         slopes = dict(zip(flat, torch.autograd.grad(style, flat), strict=True)) if flat else {}
-        tv.backward()
-        gradient_sum = torch.zeros_like(detached)
+        tv.backward()  # image.grad exists from here on
+        assert image.grad is not None
         for tile in tiles:  # pass 2: each tile's share of the gradient
             crop = _crop(detached, tile).clone().requires_grad_(True)
             features = features_of(crop)
@@ -249,9 +249,7 @@ def tiled_terms(
                     surrogate = surrogate + (slopes[leaf] * part).sum()
             surrogate.backward()
             assert crop.grad is not None
-            gradient_sum[..., tile.crop[0], tile.crop[1]] += crop.grad
-        assert image.grad is not None
-        image.grad.add_(gradient_sum)
+            image.grad[..., tile.crop[0], tile.crop[1]] += crop.grad
     return torch.stack([content + style.detach() + tv.detach(), content, style.detach(), tv.detach()])
 
 
