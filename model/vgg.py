@@ -18,7 +18,7 @@ import copy
 import math
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +55,10 @@ _CASTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[torch.dtype, torch.devic
     weakref.WeakKeyDictionary()
 )
 _CASTS_LOCK = threading.Lock()
+
+
+# Called after each layer with its name and map; returns the map the network goes on with (a crop of it).
+Trim = Callable[[str, Tensor], Tensor]
 
 
 class ModelError(ValueError):
@@ -269,6 +273,24 @@ class VGGFeatures(nn.Module):
         pools = sum(1 for name in LAYERS[self.arch][: self._depth] if name.startswith("pool"))
         return 2**pools
 
+    def context(self) -> list[tuple[str, int, int]]:
+        """(layer, downsampling, context) for the input (named "input") and each layer up to the deepest
+        tap, in network order. A layer's context is how many positions of its map on each side of a region
+        the taps' features over that region depend on: none at the deepest tap, one more before each 3x3
+        convolution, twice as many before each 2x2 pooling (so the map a pooling reads starts on one of
+        its windows when the region does)."""
+        names = LAYERS[self.arch][: self._depth]
+        downsampling = 2 ** sum(1 for name in names if name.startswith("pool"))
+        context, found = 0, []
+        for name in reversed(names):
+            found.append((name, downsampling, context))
+            if name.startswith("conv"):
+                context += 1
+            elif name.startswith("pool"):
+                context, downsampling = 2 * context, downsampling // 2
+        found.append(("input", downsampling, context))
+        return found[::-1]
+
     def load_weights(self, state_dict: Mapping[str, Tensor]) -> VGGFeatures:
         """Load torchvision-layout weights after checking every key and shape; returns self."""
         validate_state_dict(state_dict, self.arch)
@@ -280,8 +302,10 @@ class VGGFeatures(nn.Module):
             image = image.flip(1)
         return (image * self.normalization.scale - self.mean) / self.std
 
-    def forward(self, image: Tensor) -> dict[str, Tensor]:
+    def forward(self, image: Tensor, trim: Trim | None = None) -> dict[str, Tensor]:
+        """The taps' maps; with `trim`, each layer's map (the taps' too) is what trim makes of it."""
         taps = {self._index[name]: name for name in self.layers}
+        names = LAYERS[self.arch]
         outputs: dict[str, Tensor] = {}
         x = self.normalize(image)
         for index in range(self._depth):
@@ -297,6 +321,8 @@ class VGGFeatures(nn.Module):
                 x = F.avg_pool2d(x, kernel_size=2, stride=2) * AVERAGE_POOL_SCALE
             else:
                 x = F.max_pool2d(x, kernel_size=2, stride=2)
+            if trim is not None:
+                x = trim(names[index], x)
             if index in taps:
                 outputs[taps[index]] = x
         return {name: outputs[name] for name in self.layers}

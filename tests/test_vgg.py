@@ -206,6 +206,25 @@ def test_min_side_follows_the_pools_on_the_way():
     assert VGGFeatures(["pool5"]).min_side == 32
 
 
+def test_context_counts_the_positions_a_regions_features_depend_on():
+    context = VGGFeatures(DEFAULT_EXPORT_LAYERS).context()
+    assert context[0] == ("input", 1, 70) and context[-1] == ("relu5_1", 16, 0)
+    assert dict((name, (d, c)) for name, d, c in context)["pool4"] == (16, 1)
+    model = VGGFeatures(["relu3_1"]).load_weights(random_state_dict(0))
+    assert model.context()[0] == ("input", 1, 10)
+    # Rows 8 to 12 of relu3_1 (4x smaller) read input rows 32 - 10 to 48 + 10, and no others.
+    image = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+
+    def region(changed_row: int) -> torch.Tensor:
+        changed = image.clone()
+        changed[..., changed_row, :] = 1 - changed[..., changed_row, :]
+        with torch.no_grad():
+            return model(changed)["relu3_1"][..., 8:12, :]
+
+    assert torch.equal(region(21), region(95)) and torch.equal(region(58), region(95))
+    assert not torch.equal(region(22), region(95)) and not torch.equal(region(57), region(95))
+
+
 @pytest.mark.parametrize(
     ("layers", "arch", "fragment"),
     [
