@@ -50,7 +50,6 @@ from stylize.server.engine.run import _resize
 CONTENT_LAYER = "relu4_2"
 STYLE_LAYERS = tuple(name for name, _ in DEFAULT_STYLE_LAYERS)
 LAYERS = (*STYLE_LAYERS[:4], CONTENT_LAYER, STYLE_LAYERS[4])
-DOWNSAMPLING = {"relu1_1": 1, "relu2_1": 2, "relu3_1": 4, "relu4_1": 8, "relu4_2": 8, "relu5_1": 16}
 TERMS = {
     "content": {"content_weight": 1.0, "style_weight": 0.0, "tv_weight": 0.0},
     "gram": {"content_weight": 0.0, "style_weight": 10.0, "tv_weight": 0.0},
@@ -63,6 +62,10 @@ TERMS = {
 def network() -> VGGFeatures:
     weights = resolve_weights("imagenet-q8")
     return VGGFeatures(layers=LAYERS, normalization=weights.normalization).load_weights(weights.state_dict)
+
+
+def on_tiles(vgg: VGGFeatures) -> tiles.TileNetwork:
+    return tiles.TileNetwork(vgg, vgg.context())
 
 
 def objective(
@@ -81,8 +84,7 @@ def objective(
             content_features = vgg(content)
         else:
             grid = tiles.tile_grid(*content.shape[-2:], tile=tile[0], halo=tile[1])
-            layer = {CONTENT_LAYER: DOWNSAMPLING[CONTENT_LAYER]}
-            content_features = tiles.features_by_tiles(content, grid, vgg, layer)
+            content_features = tiles.features_by_tiles(content, grid, on_tiles(vgg), [CONTENT_LAYER])
     kind, statistic = (
         (MeanCovarianceStyleLoss, mean_and_second_moment)
         if loss == "mean_covariance"
@@ -114,7 +116,7 @@ def tiled_gradient(
     image = image.clone().requires_grad_(True)
     image.grad = torch.zeros_like(image)
     grid = tiles.tile_grid(*image.shape[-2:], tile=tile, halo=halo, shift=shift)
-    terms = tiles.tiled_terms(objective, image, grid, vgg, DOWNSAMPLING, gradient=True)
+    terms = tiles.tiled_terms(objective, image, grid, on_tiles(vgg), gradient=True)
     return terms, image.grad
 
 

@@ -47,12 +47,55 @@ def test_tile_cores_cover_the_image_once_and_crops_stay_inside_on_the_grid(
 
 
 def test_the_grid_moves_every_iteration_and_is_seeded() -> None:
-    first, second = (list(itertools.islice(tiles.moving_shifts(7), 5)) for _ in range(2))
+    first, second = (list(itertools.islice(tiles.moving_shifts(7), 6)) for _ in range(2))
     assert first == second
-    borders = [
-        {t.core[0].start for t in tiles.tile_grid(512, 512, tile=128, halo=32, shift=s)} for s in first
-    ]
-    assert len({frozenset(b) for b in borders}) > 1
+    for height, width, tile in ((512, 512, 128), (672, 1024, 512), (256, 256, 64)):
+        grids = [tiles.tile_grid(height, width, tile=tile, halo=32, shift=s) for s in first]
+        for before, after in itertools.pairwise(grids):
+            for axis in (0, 1):  # every border of both axes moves from one iteration to the next
+                old, new = ({t.core[axis].start for t in grid} - {0} for grid in (before, after))
+                assert old and not old & new
+
+
+@pytest.mark.parametrize(
+    ("length", "tile", "count"),
+    [(672, 512, 2), (1024, 512, 3), (4096, 704, 6), (1000, 480, 3), (512, 512, 1)],
+)
+def test_each_axis_takes_the_fewest_tiles_that_leave_its_borders_room_to_move(length, tile, count) -> None:
+    # 1024 = 2 x 512 leaves two tiles of 512 no room: one more tile; 672 and 4096 fit the fewest.
+    for shift in range(4):
+        cores = {
+            (t.core[1].start, t.core[1].stop)
+            for t in tiles.tile_grid(32, length, tile=tile, halo=96, shift=(0, shift))
+        }
+        assert len(cores) == count and all(0 < stop - start <= tile for start, stop in cores)
+
+
+def test_a_tile_pass_computes_only_the_context_its_core_needs(random_network) -> None:
+    image = torch.rand(1, 3, 256, 320, generator=torch.Generator().manual_seed(3))
+    network = tiles.TileNetwork(random_network, random_network.context())
+    with torch.no_grad():
+        whole = random_network(image)
+    widths = {}
+
+    def recording(name: str, layer_map: torch.Tensor) -> torch.Tensor:
+        cut = maps(name, layer_map)
+        widths[name] = cut.shape[-1]
+        return cut
+
+    for tile in tiles.tile_grid(256, 320, tile=128, halo=96, shift=(1, 1)):
+        maps = tiles.TileMaps(tile, network.context)
+        with torch.no_grad():
+            features = random_network(maps.input(image), recording)
+        for name, d, _ in network.context[1:]:
+            if name in features:  # the core's features are the whole image's, to rounding
+                expected = whole[name][..., tile.image_features(d)[0], tile.image_features(d)[1]]
+                rows, columns = maps.core(name)
+                torch.testing.assert_close(features[name][..., rows, columns], expected, rtol=1e-4, atol=1e-5)
+        if tile.core[1].start >= 160 and tile.core[1].stop < 320:  # context on both sides, cut from the halo
+            core = tile.core[1].stop - tile.core[1].start
+            assert maps.crop[1].stop - maps.crop[1].start == core + 2 * 70
+            assert widths["relu4_1"] == core // 8 + 2 * 5 and widths["relu5_1"] == core // 16
 
 
 def test_tile_options_are_validated_with_the_fields_named() -> None:

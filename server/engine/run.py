@@ -50,6 +50,7 @@ from stylize.server.engine.records import Cancelled, Progress, Result, Started, 
 TargetFn = Callable[[Tensor], dict[str, Tensor]]
 # Anything with the torch extractor's interface (stylize.model.vgg.VGGFeatures).
 if TYPE_CHECKING:
+    from stylize.model.vgg import Trim
     from stylize.model.vgg import VGGFeatures as Extractor
 else:
     Extractor = torch.nn.Module
@@ -202,8 +203,7 @@ class _Job:
             # A cast made before the extractor was converted is converted too (in place, once).
             self.network = self.network.with_dtype(self.precision.dtype)
             to_network_layout(self.network)
-        self.downsampling = {name: downsampling(name, o.backbone) for name in self.layers}
-        self.smallest = max(self.downsampling.values(), default=1)
+        self.smallest = max((downsampling(name, o.backbone) for name in self.layers), default=1)
 
         self.content = content.to(device, torch.float32)[None]
         # The one place blend weights become shares that sum to 1 (validate() made the sum positive).
@@ -261,22 +261,21 @@ class _Job:
         if tile is not None and max(image.shape[-2:]) > tile:
             grid = tiles.tile_grid(*image.shape[-2:], tile=tile, halo=self.options.tile_halo)
             names = {name: statistics for name in self.style_layers}
-            return tiles.statistics_by_tiles(
-                image, grid, self._target_tile_features, names, self.downsampling
-            )
+            return tiles.statistics_by_tiles(image, grid, self._tile_network(loop=False), names)
         features = self._target_features(image)
         return {name: statistics(features[name], None) for name in self.style_layers}
 
-    def _target_tile_features(self, crop: Tensor) -> dict[str, Tensor]:
-        """The float32 torch network's features of a crop (targets by tiles do not use `targets`)."""
-        assert self.target_network is not None  # there are layers, so there is a network
-        return dict(self.target_network(_network_input(crop.expand(-1, 3, -1, -1))))
+    def _tile_network(self, *, loop: bool) -> tiles.TileNetwork:
+        """The loop's network (in its precision) or the targets' float32 one, on crops."""
+        network = self.network if loop else self.target_network
+        assert network is not None  # a scale runs tiled only where there are layers
+        computes_in = self.precision.precision if loop else Precision.FP32
 
-    def _tile_features(self, crop: Tensor) -> dict[str, Tensor]:
-        """The loop's network's features of a crop of the optimized image."""
-        assert self.network is not None
-        with precision.autocast(self.precision.precision, self.device):
-            return dict(self.network(_network_input(crop)))
+        def features(crop: Tensor, trim: Trim) -> dict[str, Tensor]:
+            with precision.autocast(computes_in, self.device):
+                return dict(network(_network_input(crop), trim))
+
+        return tiles.TileNetwork(features, network.context())
 
     def _tile_size(self, pixels: int, edge: int) -> int | None:
         """The tile edge for a scale (None: the scale runs whole): the caller's tile_size for a scale with
@@ -297,8 +296,9 @@ class _Job:
         content_features: dict[str, Tensor] = {}
         if self.content_layers and tile is not None:
             grid = tiles.tile_grid(*content.shape[-2:], tile=tile, halo=o.tile_halo)
-            layers = {name: self.downsampling[name] for name in self.content_layers}
-            content_features = tiles.features_by_tiles(content, grid, self._target_tile_features, layers)
+            content_features = tiles.features_by_tiles(
+                content, grid, self._tile_network(loop=False), self.content_layers
+            )
         elif self.content_layers:
             content_features = self._target_features(content)
         content_sum = LayerSum(
@@ -351,9 +351,7 @@ class _Job:
     ) -> Tensor:
         halo = self.options.tile_halo
         grid = tiles.tile_grid(*image.shape[-2:], tile=tile, halo=halo, shift=shift)
-        return tiles.tiled_terms(
-            objective, image, grid, self._tile_features, self.downsampling, gradient=gradient
-        )
+        return tiles.tiled_terms(objective, image, grid, self._tile_network(loop=True), gradient=gradient)
 
     def _colored(self, image: Tensor) -> Tensor:
         """The optimized image as the RGB output ([1, 3, H, W])."""

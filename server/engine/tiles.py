@@ -27,7 +27,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -36,8 +36,9 @@ from stylize.api.options import TILE_ALIGN
 
 from .losses import ContentLoss, GramStyleLoss, LayerSum, MeanCovarianceStyleLoss, Objective
 
-# The network's features of an input crop [1, C, h, w], by layer.
-FeaturesFn = Callable[[Tensor], Mapping[str, Tensor]]
+if TYPE_CHECKING:
+    from stylize.model.vgg import Trim
+
 # A style statistic of features over a given number of positions (losses.gram_matrix, ...).
 StatisticFn = Callable[[Tensor, int | None], Any]
 
@@ -56,13 +57,6 @@ class Tile:
     crop: tuple[slice, slice]
     core: tuple[slice, slice]
 
-    def core_features(self, downsampling: int) -> tuple[slice, slice]:
-        """The core in the crop's feature map of a layer `downsampling` times smaller than the input."""
-        return tuple(  # type: ignore[return-value]  # two slices
-            slice((core.start - crop.start) // downsampling, (core.stop - crop.start) // downsampling)
-            for core, crop in zip(self.core, self.crop, strict=True)
-        )
-
     def image_features(self, downsampling: int) -> tuple[slice, slice]:
         """The core in the whole image's feature map of that layer."""
         return tuple(  # type: ignore[return-value]  # two slices
@@ -70,23 +64,120 @@ class Tile:
         )
 
 
-def _cuts(length: int, tile: int, offset: int) -> list[int]:
-    inner = range(tile - offset, length, tile)
-    return [0, *(cut for cut in inner if cut > 0), length]
+@dataclass(frozen=True)
+class TileNetwork:
+    """What the tiled passes need of a network: its features of an input crop [1, C, h, w] by layer,
+    every layer's map cut by a Trim on the way (VGGFeatures' forward), and its `context`
+    (VGGFeatures.context: each layer's downsampling and the context its taps need)."""
+
+    features: Callable[[Tensor, Trim], Mapping[str, Tensor]]
+    context: Sequence[tuple[str, int, int]]
+
+
+class TileMaps:
+    """One pass of the network over a tile, as its Trim: the crop it reads and every map after it cut to
+    the context the taps need around the core (VGGFeatures.context), so no layer computes positions no
+    core feature depends on; the crop's halo is the most any map keeps. Maps are kept on the image's
+    grid: a map's origin is its first position's in the whole image's map of that layer."""
+
+    def __init__(self, tile: Tile, context: Sequence[tuple[str, int, int]]):
+        self.tile = tile
+        self._context = {name: (downsampling, positions) for name, downsampling, positions in context}
+        self._downsampling = 1
+        origin = (tile.crop[0].start, tile.crop[1].start)
+        extent = (tile.crop[0].stop - origin[0], tile.crop[1].stop - origin[1])
+        self.crop = self._kept("input", origin, extent)  # of the image, in pixels
+        self._origin = (self.crop[0].start, self.crop[1].start)
+        self._origins: dict[str, tuple[int, int]] = {}
+
+    def _kept(self, name: str, origin: tuple[int, int], extent: tuple[int, int]) -> tuple[slice, slice]:
+        downsampling, context = self._context[name]
+        return tuple(  # type: ignore[return-value]  # two slices
+            slice(
+                max(start, core.start // downsampling - context),
+                min(start + size, core.stop // downsampling + context),
+            )
+            for core, start, size in zip(self.tile.core, origin, extent, strict=True)
+        )
+
+    def input(self, image: Tensor) -> Tensor:
+        """The crop of `image` ([1, C, H, W]) this pass reads."""
+        return image[..., self.crop[0], self.crop[1]]
+
+    def __call__(self, name: str, layer_map: Tensor) -> Tensor:
+        downsampling = self._context[name][0]
+        scale = (
+            downsampling // self._downsampling
+        )  # 2 after a pooling, which reads maps from a window's start
+        assert all(o % scale == 0 for o in self._origin), (name, self._origin)
+        origin = (self._origin[0] // scale, self._origin[1] // scale)
+        rows, columns = self._kept(name, origin, (layer_map.shape[-2], layer_map.shape[-1]))
+        self._downsampling, self._origin = downsampling, (rows.start, columns.start)
+        self._origins[name] = self._origin
+        return layer_map[
+            ...,
+            rows.start - origin[0] : rows.stop - origin[0],
+            columns.start - origin[1] : columns.stop - origin[1],
+        ]
+
+    def core(self, name: str) -> tuple[slice, slice]:
+        """The core's positions in this pass's map of layer `name`."""
+        downsampling = self._context[name][0]
+        return tuple(  # type: ignore[return-value]  # two slices
+            slice(core.start // downsampling - start, core.stop // downsampling - start)
+            for core, start in zip(self.tile.core, self._origins[name], strict=True)
+        )
+
+
+def _offsets(length: int, tile: int, cuts: Sequence[int]) -> list[int]:
+    """The moves (multiples of TILE_ALIGN) of all inner `cuts` together that keep every segment of
+    [0, length] within 1..tile pixels and the first and the last within half their even share of it."""
+    share = length // (len(cuts) + 1)
+    found = []
+    for move in range(-(share // 2) // TILE_ALIGN * TILE_ALIGN, share // 2 + 1, TILE_ALIGN):
+        edges = [0, *(cut + move for cut in cuts), length]
+        if all(0 < b - a <= tile for a, b in itertools.pairwise(edges)):
+            found.append(move)
+    return found
+
+
+def _bounce(step: int, count: int) -> int:
+    """0, 1, ..., count - 1, count - 2, ..., 1, 0, 1, ...: consecutive steps one apart, never a jump."""
+    period = 2 * (count - 1)
+    phase = step % period
+    return phase if phase < count else period - phase
+
+
+def _cuts(length: int, tile: int, shift: int) -> list[int]:
+    """One axis's segment edges: the fewest near-even segments of at most `tile` pixels whose inner cuts
+    can move together (or one more segment, where they could not), all moved by one of the moves they
+    allow, the `shift`-th going back and forth (_bounce), so consecutive shifts move every cut by
+    TILE_ALIGN. Where neither count leaves room (tiles of a few TILE_ALIGN), cores of `tile` from an
+    origin the shift moves, a part-tile at each end."""
+    if length <= tile:
+        return [0, length]
+    fewest = -(-length // tile)
+    for count in (fewest, fewest + 1):
+        cuts = [round(k * length / count / TILE_ALIGN) * TILE_ALIGN for k in range(1, count)]
+        moves = _offsets(length, tile, cuts)
+        if len(moves) > 1:
+            return [0, *(cut + moves[_bounce(shift, len(moves))] for cut in cuts), length]
+    steps = tile // TILE_ALIGN
+    offset = (_bounce(shift, steps) if steps > 1 else 0) * TILE_ALIGN
+    return [0, *(cut for cut in range(tile - offset, length, tile) if cut > 0), length]
 
 
 def tile_grid(
     height: int, width: int, *, tile: int, halo: int, shift: tuple[int, int] = (0, 0)
 ) -> list[Tile]:
-    """Tiles covering an image: cores of `tile` pixels (smaller at the edges), the grid moved by `shift`
-    (any integers: reduced to multiples of TILE_ALIGN below `tile`); each crop adds `halo` pixels of
-    context on every side, inside the image. `tile` and `halo` are multiples of TILE_ALIGN."""
+    """Tiles covering an image: on each axis about the fewest cores of at most `tile` pixels, their
+    borders moved by `shift` (any integers; see _cuts; tiles of TILE_ALIGN cannot move); each crop adds
+    `halo` pixels of context on every side, inside the image. `tile` and `halo` are multiples of
+    TILE_ALIGN."""
     if tile <= 0 or tile % TILE_ALIGN or halo % TILE_ALIGN:
         raise ValueError(f"tile {tile} and halo {halo} must be multiples of {TILE_ALIGN}")
-    steps = tile // TILE_ALIGN
     rows, columns = (
-        _cuts(length, tile, shift_by % steps * TILE_ALIGN)
-        for length, shift_by in zip((height, width), shift, strict=True)
+        _cuts(length, tile, shift_by) for length, shift_by in zip((height, width), shift, strict=True)
     )
     tiles = []
     for top, bottom in itertools.pairwise(rows):
@@ -100,11 +191,11 @@ def tile_grid(
 
 
 def moving_shifts(seed: int) -> Iterator[tuple[int, int]]:
-    """A new grid shift for every iteration (tile_grid's `shift`): seeded, so a job is reproducible."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        rows, columns = torch.randint(0, 2**20, (2,), generator=generator).tolist()
-        yield rows, columns
+    """A grid shift for every iteration (tile_grid's `shift`), each one step on from the last, so
+    consecutive grids differ wherever their borders can move; seeded, so a job is reproducible."""
+    start = int(torch.randint(0, 2**20, (1,), generator=torch.Generator().manual_seed(seed)))
+    for step in itertools.count(start):
+        yield step, step
 
 
 def largest_tile(halo: int, device: torch.device) -> int:
@@ -119,31 +210,40 @@ def positions(size: tuple[int, int], downsampling: int) -> int:
     return (size[0] // downsampling) * (size[1] // downsampling)
 
 
-def _crop(image: Tensor, tile: Tile) -> Tensor:
-    return image[..., tile.crop[0], tile.crop[1]]
+def _downsampling(network: TileNetwork) -> dict[str, int]:
+    return {name: downsampling for name, downsampling, _ in network.context}
+
+
+def _forward(
+    tile: Tile, image: Tensor, network: TileNetwork, *, gradient: bool
+) -> tuple[TileMaps, Tensor, Mapping[str, Tensor]]:
+    """A tile's pass: its maps, the crop it read (a leaf that requires grad, with `gradient`) and its
+    features."""
+    maps = TileMaps(tile, network.context)
+    crop = maps.input(image.detach())
+    with torch.set_grad_enabled(gradient):
+        if gradient:
+            crop = crop.clone().requires_grad_(True)
+        return maps, crop, network.features(crop, maps)
 
 
 def statistics_by_tiles(
-    image: Tensor,
-    tiles: Sequence[Tile],
-    features_of: FeaturesFn,
-    statistics: Mapping[str, StatisticFn],
-    downsampling: Mapping[str, int],
+    image: Tensor, tiles: Sequence[Tile], network: TileNetwork, statistics: Mapping[str, StatisticFn]
 ) -> dict[str, Any]:
     """Each layer's statistic of the whole image, summed over the tiles' shares (no gradients)."""
     size = (image.shape[-2], image.shape[-1])
+    downsampling = _downsampling(network)
     totals: dict[str, Any] = {}
     with torch.no_grad():
         for tile in tiles:
-            _accumulate(
-                totals, _shares(features_of(_crop(image, tile)), tile, statistics, size, downsampling)
-            )
+            maps, _, features = _forward(tile, image, network, gradient=False)
+            _accumulate(totals, _shares(features, maps, statistics, size, downsampling))
     return totals
 
 
 def _shares(
     features: Mapping[str, Tensor],
-    tile: Tile,
+    maps: TileMaps,
     statistics: Mapping[str, StatisticFn],
     size: tuple[int, int],
     downsampling: Mapping[str, int],
@@ -151,7 +251,7 @@ def _shares(
     """Each layer's statistic of a tile's core over the whole image's positions (size: height, width)."""
     shares = {}
     for name, statistic in statistics.items():
-        rows, columns = tile.core_features(downsampling[name])
+        rows, columns = maps.core(name)
         shares[name] = statistic(features[name][..., rows, columns], positions(size, downsampling[name]))
     return shares
 
@@ -162,19 +262,21 @@ def _accumulate(totals: dict[str, Any], shares: Mapping[str, Any]) -> None:
 
 
 def features_by_tiles(
-    image: Tensor, tiles: Sequence[Tile], features_of: FeaturesFn, downsampling: Mapping[str, int]
+    image: Tensor, tiles: Sequence[Tile], network: TileNetwork, layers: Sequence[str]
 ) -> dict[str, Tensor]:
-    """The whole image's feature maps of the given layers, assembled from the tiles' cores."""
+    """The whole image's feature maps of `layers`, assembled from the tiles' cores."""
     size = (image.shape[-2], image.shape[-1])
+    downsampling = _downsampling(network)
     found: dict[str, Tensor] = {}
     with torch.no_grad():
         for tile in tiles:
-            features = features_of(_crop(image, tile))
-            for name, d in downsampling.items():
+            maps, _, features = _forward(tile, image, network, gradient=False)
+            for name in layers:
+                d = downsampling[name]
                 part = features[name].float()
                 if name not in found:
                     found[name] = part.new_zeros((*part.shape[:2], size[0] // d, size[1] // d))
-                rows, columns = tile.core_features(d)
+                rows, columns = maps.core(name)
                 target_rows, target_columns = tile.image_features(d)
                 found[name][..., target_rows, target_columns] = part[..., rows, columns]
     return found
@@ -191,40 +293,40 @@ def _leaves(statistic: Any) -> tuple[Tensor, ...]:
 
 
 def _content_share(
-    content: LayerSum, features: Mapping[str, Tensor], tile: Tile, downsampling: Mapping[str, int]
+    content: LayerSum, features: Mapping[str, Tensor], maps: TileMaps, downsampling: Mapping[str, int]
 ) -> Tensor:
     terms = []
     for name, loss in content.losses.items():
         assert isinstance(loss, ContentLoss)
-        rows, columns = tile.core_features(downsampling[name])
-        target_rows, target_columns = tile.image_features(downsampling[name])
+        rows, columns = maps.core(name)
+        target_rows, target_columns = maps.tile.image_features(downsampling[name])
         share = loss.part(features[name][..., rows, columns], target_rows, target_columns)
         terms.append(share * content.weights[name])
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def tiled_terms(
-    objective: Objective,
-    image: Tensor,
-    tiles: Sequence[Tile],
-    features_of: FeaturesFn,
-    downsampling: Mapping[str, int],
-    *,
-    gradient: bool,
+    objective: Objective, image: Tensor, tiles: Sequence[Tile], network: TileNetwork, *, gradient: bool
 ) -> Tensor:
     """[total, content, style, total_variation] at `image` ([1, C, H, W]), as Objective gives them for the
     whole image; with `gradient`, the total's gradient is added to image.grad (image requires grad)."""
     style_losses = cast(Mapping[str, GramStyleLoss | MeanCovarianceStyleLoss], objective.style.losses)
     style_statistics = {name: loss.statistics for name, loss in style_losses.items()}
     size = (image.shape[-2], image.shape[-1])
-    detached = image.detach()
+    downsampling = _downsampling(network)
     content = image.new_zeros(())
     totals: dict[str, Any] = {}
-    with torch.no_grad():
-        for tile in tiles:  # pass 1: statistics and values
-            features = features_of(_crop(detached, tile))
-            content = content + _content_share(objective.content, features, tile, downsampling).to(content)
-            _accumulate(totals, _shares(features, tile, style_statistics, size, downsampling))
+    # Pass 1: statistics and values. Its last tile keeps its graph (with `gradient`), and pass 2 starts
+    # with it instead of passing it again.
+    kept: tuple[TileMaps, Tensor, Mapping[str, Tensor]] | None = None
+    for index, tile in enumerate(tiles):
+        keep = gradient and index == len(tiles) - 1
+        maps, crop, features = _forward(tile, image, network, gradient=keep)
+        with torch.no_grad():
+            content = content + _content_share(objective.content, features, maps, downsampling).to(content)
+            _accumulate(totals, _shares(features, maps, style_statistics, size, downsampling))
+        if keep:
+            kept = maps, crop, features
     leaves = {
         name: tuple(t.detach().requires_grad_(gradient) for t in _leaves(v)) for name, v in totals.items()
     }
@@ -237,19 +339,21 @@ def tiled_terms(
         flat = [leaf for parts in leaves.values() for leaf in parts]
         slopes = dict(zip(flat, torch.autograd.grad(style, flat), strict=True)) if flat else {}
         tv.backward()  # image.grad exists from here on
-        assert image.grad is not None
-        for tile in tiles:  # pass 2: each tile's share of the gradient
-            crop = _crop(detached, tile).clone().requires_grad_(True)
-            features = features_of(crop)
+        assert image.grad is not None and kept is not None
+        ready = [kept]  # pass 2 starts with the kept tile; popping it hands its graph to the pass
+        del kept
+        for tile in (tiles[-1], *tiles[:-1]):  # pass 2: each tile's share of the gradient
+            maps, crop, features = ready.pop() if ready else _forward(tile, image, network, gradient=True)
             surrogate = (
-                _content_share(objective.content, features, tile, downsampling) * objective.content_weight
+                _content_share(objective.content, features, maps, downsampling) * objective.content_weight
             )
-            for name, share in _shares(features, tile, style_statistics, size, downsampling).items():
+            for name, share in _shares(features, maps, style_statistics, size, downsampling).items():
                 for leaf, part in zip(leaves[name], _leaves(share), strict=True):
                     surrogate = surrogate + (slopes[leaf] * part).sum()
             surrogate.backward()
             assert crop.grad is not None
-            image.grad[..., tile.crop[0], tile.crop[1]] += crop.grad
+            image.grad[..., maps.crop[0], maps.crop[1]] += crop.grad
+            del maps, crop, features, surrogate  # the next tile's pass runs without them
     return torch.stack([content + style.detach() + tv.detach(), content, style.detach(), tv.detach()])
 
 
