@@ -49,8 +49,13 @@ GATYS_STYLE_FACTOR = 0.25
 
 
 def _fp32(features: Tensor) -> Tensor:
-    """Features as float32 [C, positions]: the channels of every image in the batch, all positions."""
-    return features.float().transpose(0, 1).flatten(1)
+    """Features as float32 [positions, C]: every position of every image in the batch, by channel. A
+    view of channels-last features (the network's layout), and its gradient is channels-last too; a
+    crop of such features is copied row by row into that layout first."""
+    features = features.float()
+    if features.stride(1) == 1 and not features.is_contiguous(memory_format=torch.channels_last):
+        features = features.contiguous(memory_format=torch.channels_last)
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
 def _no_autocast(tensor: Tensor) -> torch.autocast:
@@ -63,7 +68,7 @@ def gram_matrix(features: Tensor, positions: int | None = None) -> Tensor:
     image's Gram matrix: the shares of the parts sum to it."""
     with _no_autocast(features):
         flat = _fp32(features)
-        return flat @ flat.T / (positions or flat.shape[1])
+        return flat.T @ flat / (positions or flat.shape[0])
 
 
 def mean_and_second_moment(features: Tensor, positions: int | None = None) -> tuple[Tensor, Tensor]:
@@ -77,8 +82,8 @@ def mean_and_second_moment(features: Tensor, positions: int | None = None) -> tu
     """
     with _no_autocast(features):
         flat = _fp32(features).double()
-        count = positions or flat.shape[1]
-        return flat.sum(1) / count, flat @ flat.T / count
+        count = positions or flat.shape[0]
+        return flat.sum(0) / count, flat.T @ flat / count
 
 
 Statistic = TypeVar("Statistic", Tensor, tuple[Tensor, ...])
