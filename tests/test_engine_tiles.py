@@ -90,12 +90,13 @@ def test_a_tile_pass_computes_only_the_context_its_core_needs(random_network) ->
         for name, d, _ in network.context[1:]:
             if name in features:  # the core's features are the whole image's, to rounding
                 expected = whole[name][..., tile.image_features(d)[0], tile.image_features(d)[1]]
-                rows, columns = maps.core(name)
-                torch.testing.assert_close(features[name][..., rows, columns], expected, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(maps.core_of(name, features[name]), expected, rtol=1e-4, atol=1e-5)
         if tile.core[1].start >= 160 and tile.core[1].stop < 320:  # context on both sides, cut from the halo
             core = tile.core[1].stop - tile.core[1].start
             assert maps.crop[1].stop - maps.crop[1].start == core + 2 * 70
-            assert widths["relu4_1"] == core // 8 + 2 * 5 and widths["relu5_1"] == core // 16
+            # Cut after each pooling to the context the convolutions after it need: 34, 16, 6, 1 (even: 2).
+            assert [widths[f"pool{n}"] - core // 2**n for n in (1, 2, 3, 4)] == [2 * 34, 2 * 16, 2 * 6, 2 * 2]
+            assert widths["relu4_1"] == widths["pool3"]  # no cut between poolings
 
 
 def test_tile_options_are_validated_with_the_fields_named() -> None:

@@ -74,11 +74,33 @@ class TileNetwork:
     context: Sequence[tuple[str, int, int]]
 
 
+class _Cut(torch.autograd.Function):
+    """A map's rows and columns, a view; its gradient is the cut's padded with zeros in the map's own
+    memory layout (slicing's own backward makes a contiguous zero tensor, which every layer of a
+    channels-last network before it would convert back)."""
+
+    @staticmethod
+    def forward(ctx: Any, layer_map: Tensor, rows: slice, columns: slice) -> Tensor:
+        height, width = layer_map.shape[-2:]
+        ctx.padding = (columns.start, width - columns.stop, rows.start, height - rows.stop)
+        return layer_map[..., rows, columns]
+
+    @staticmethod
+    def backward(ctx: Any, gradient: Tensor) -> tuple[Tensor, None, None]:
+        return torch.nn.functional.pad(gradient, ctx.padding), None, None
+
+
+def _cut(layer_map: Tensor, rows: slice, columns: slice) -> Tensor:
+    return cast(Tensor, _Cut.apply(layer_map, rows, columns))  # type: ignore[no-untyped-call]
+
+
 class TileMaps:
-    """One pass of the network over a tile, as its Trim: the crop it reads and every map after it cut to
-    the context the taps need around the core (VGGFeatures.context), so no layer computes positions no
-    core feature depends on; the crop's halo is the most any map keeps. Maps are kept on the image's
-    grid: a map's origin is its first position's in the whole image's map of that layer."""
+    """One pass of the network over a tile, as its Trim: the crop it reads, and each map cut to the context
+    the taps need around the core (VGGFeatures.context) where a pooling has just made it: the context a
+    run of convolutions needs is the most at its start, and one cut there costs less than one per
+    layer. A cut keeps an even context on each side, so the next pooling reads from a window's start.
+    Maps are kept on the image's grid: a map's origin is its first position's in the image's map of that
+    layer."""
 
     def __init__(self, tile: Tile, context: Sequence[tuple[str, int, int]]):
         self.tile = tile
@@ -91,14 +113,17 @@ class TileMaps:
         self._origins: dict[str, tuple[int, int]] = {}
 
     def _kept(self, name: str, origin: tuple[int, int], extent: tuple[int, int]) -> tuple[slice, slice]:
+        """What a map of `name` from `origin` with `extent` positions keeps: the core, and on each side of
+        it the context rounded up to even or all the map has there (rounded down to even before the core:
+        the origin stays on the poolings' grid; at the image's edge what there is is even already)."""
         downsampling, context = self._context[name]
-        return tuple(  # type: ignore[return-value]  # two slices
-            slice(
-                max(start, core.start // downsampling - context),
-                min(start + size, core.stop // downsampling + context),
-            )
-            for core, start, size in zip(self.tile.core, origin, extent, strict=True)
-        )
+        context += context % 2
+        kept = []
+        for core, start, size in zip(self.tile.core, origin, extent, strict=True):
+            first, last = core.start // downsampling, core.stop // downsampling
+            before = min(first - start, context)
+            kept.append(slice(first - before + before % 2, min(start + size, last + context)))
+        return tuple(kept)  # type: ignore[return-value]  # two slices
 
     def input(self, image: Tensor) -> Tensor:
         """The crop of `image` ([1, C, H, W]) this pass reads."""
@@ -106,27 +131,30 @@ class TileMaps:
 
     def __call__(self, name: str, layer_map: Tensor) -> Tensor:
         downsampling = self._context[name][0]
-        scale = (
-            downsampling // self._downsampling
-        )  # 2 after a pooling, which reads maps from a window's start
-        assert all(o % scale == 0 for o in self._origin), (name, self._origin)
+        scale = downsampling // self._downsampling  # 2 after a pooling
         origin = (self._origin[0] // scale, self._origin[1] // scale)
+        if scale == 1:
+            self._origins[name] = origin
+            return layer_map
+        assert all(o % scale == 0 for o in self._origin), (name, self._origin)  # the pooling was aligned
         rows, columns = self._kept(name, origin, (layer_map.shape[-2], layer_map.shape[-1]))
         self._downsampling, self._origin = downsampling, (rows.start, columns.start)
         self._origins[name] = self._origin
-        return layer_map[
-            ...,
-            rows.start - origin[0] : rows.stop - origin[0],
-            columns.start - origin[1] : columns.stop - origin[1],
-        ]
+        rows = slice(rows.start - origin[0], rows.stop - origin[0])
+        columns = slice(columns.start - origin[1], columns.stop - origin[1])
+        return _cut(layer_map, rows, columns)
 
-    def core(self, name: str) -> tuple[slice, slice]:
+    def _core(self, name: str) -> tuple[slice, slice]:
         """The core's positions in this pass's map of layer `name`."""
         downsampling = self._context[name][0]
         return tuple(  # type: ignore[return-value]  # two slices
             slice(core.start // downsampling - start, core.stop // downsampling - start)
             for core, start in zip(self.tile.core, self._origins[name], strict=True)
         )
+
+    def core_of(self, name: str, layer_map: Tensor) -> Tensor:
+        """The core's part of this pass's map of layer `name`."""
+        return _cut(layer_map, *self._core(name))
 
 
 def _offsets(length: int, tile: int, cuts: Sequence[int]) -> list[int]:
@@ -251,8 +279,7 @@ def _shares(
     """Each layer's statistic of a tile's core over the whole image's positions (size: height, width)."""
     shares = {}
     for name, statistic in statistics.items():
-        rows, columns = maps.core(name)
-        shares[name] = statistic(features[name][..., rows, columns], positions(size, downsampling[name]))
+        shares[name] = statistic(maps.core_of(name, features[name]), positions(size, downsampling[name]))
     return shares
 
 
@@ -276,9 +303,8 @@ def features_by_tiles(
                 part = features[name].float()
                 if name not in found:
                     found[name] = part.new_zeros((*part.shape[:2], size[0] // d, size[1] // d))
-                rows, columns = maps.core(name)
                 target_rows, target_columns = tile.image_features(d)
-                found[name][..., target_rows, target_columns] = part[..., rows, columns]
+                found[name][..., target_rows, target_columns] = maps.core_of(name, part)
     return found
 
 
@@ -298,9 +324,8 @@ def _content_share(
     terms = []
     for name, loss in content.losses.items():
         assert isinstance(loss, ContentLoss)
-        rows, columns = maps.core(name)
         target_rows, target_columns = maps.tile.image_features(downsampling[name])
-        share = loss.part(features[name][..., rows, columns], target_rows, target_columns)
+        share = loss.part(maps.core_of(name, features[name]), target_rows, target_columns)
         terms.append(share * content.weights[name])
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
