@@ -2,14 +2,15 @@
 
     python -m bench.tiles exactness [--edge 384] [--tiles 128 192] [--halos 0 32 64 96 128]
     python -m bench.tiles memory [--edges 512 1024 2048 4096] [--tile 512] [--halo 96]
-    python -m bench.tiles speed [--edge 1024] [--tile 512] [--halo 96] [--repeats 3]
+    python -m bench.tiles speed [--edge 1024] [--tiles 384 512 768] [--halo 96] [--repeats 3]
     python -m bench.tiles job [--edge 4096] [--iterations 2] [--tile 0] [--precision auto]
 
 exactness: the relative L2 error ||g_tiled - g_whole|| / ||g_whole|| of the image gradient of one
 evaluation, by loss term alone (content, Gram style, mean-covariance style, total variation) and all
-together, on the real ImageNet VGG19 (`make weights`), chelsea and the Hubble field, fp32.
+together, on the real ImageNet VGG19 (`make weights`), chelsea and the Hubble field, fp32. Every
+command runs the network in the engine's layout (channels-last).
 memory: peak RSS of one evaluation (forward and backward) tiled and whole, in a fresh process per row.
-speed: seconds per megapixel-iteration tiled against whole, interleaved, medians.
+speed: seconds per megapixel-iteration whole and by tiles of each size, interleaved rounds, medians.
 job: a whole job through the engine (one scale, Adam), its peak RSS and time.
 JSON on stdout; a table on stderr.
 """
@@ -45,7 +46,7 @@ from stylize.server.engine.losses import (
     gram_matrix,
     mean_and_second_moment,
 )
-from stylize.server.engine.run import _resize
+from stylize.server.engine.run import NETWORK_MEMORY_FORMAT, _resize, to_network_layout
 
 CONTENT_LAYER = "relu4_2"
 STYLE_LAYERS = tuple(name for name, _ in DEFAULT_STYLE_LAYERS)
@@ -60,12 +61,19 @@ TERMS = {
 
 
 def network() -> VGGFeatures:
+    """The real VGG19 in the engine's layout (channels-last weights; inputs made so by `layout`)."""
     weights = resolve_weights("imagenet-q8")
-    return VGGFeatures(layers=LAYERS, normalization=weights.normalization).load_weights(weights.state_dict)
+    vgg = VGGFeatures(layers=LAYERS, normalization=weights.normalization).load_weights(weights.state_dict)
+    to_network_layout(vgg)
+    return vgg
+
+
+def layout(image: Tensor) -> Tensor:
+    return image.contiguous(memory_format=NETWORK_MEMORY_FORMAT)
 
 
 def on_tiles(vgg: VGGFeatures) -> tiles.TileNetwork:
-    return tiles.TileNetwork(vgg, vgg.context())
+    return tiles.TileNetwork(lambda crop, trim: vgg(layout(crop), trim), vgg.context())
 
 
 def objective(
@@ -104,7 +112,7 @@ def objective(
 
 def whole_gradient(objective: Objective, vgg: VGGFeatures, image: Tensor) -> tuple[Tensor, Tensor]:
     image = image.clone().requires_grad_(True)
-    terms = objective(vgg(image), image)
+    terms = objective(vgg(layout(image)), image)
     terms[0].backward()
     assert image.grad is not None
     return terms.detach(), image.grad
@@ -258,34 +266,42 @@ def job(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per megapixel-iteration whole and with each tile size: in every round each kind twice in a
+    row, the second timed (as a job's iterations follow one another: the first after another kind pays for
+    the allocator's reshaping of memory), medians over the rounds."""
     vgg = network()
     content, style, image = images(args.edge)
     made = objective(vgg, content, style, "gram", TERMS["all (gram)"])
     megapixels = image.shape[-1] * image.shape[-2] / 1e6
-    times: dict[str, list[float]] = {"whole": [], "tiled": []}
-    for repeat in range(args.repeats + 1):
-        for kind in times:
-            began = time.perf_counter()
-            if kind == "whole":
-                whole_gradient(made, vgg, image)
-            else:
-                tiled_gradient(made, vgg, image, args.tile, args.halo, (repeat, repeat))
-            if repeat:  # the first round warms up
-                times[kind].append((time.perf_counter() - began) / megapixels)
+    times: dict[str, list[float]] = {"whole": [], **{f"tile {tile}": [] for tile in args.tiles}}
+    for repeat in range(args.repeats):
+        for kind, tile in zip(times, (0, *args.tiles), strict=True):
+            for shift in (2 * repeat, 2 * repeat + 1):
+                began = time.perf_counter()
+                if tile:
+                    tiled_gradient(made, vgg, image, tile, args.halo, (shift, shift))
+                else:
+                    whole_gradient(made, vgg, image)
+            times[kind].append((time.perf_counter() - began) / megapixels)
     medians = {kind: statistics.median(values) for kind, values in times.items()}
-    ratio = medians["tiled"] / medians["whole"]
-    print(
-        f"{args.edge} px, tile {args.tile}, halo {args.halo}: whole {medians['whole']:.2f} s/Mpx-it, "
-        f"tiled {medians['tiled']:.2f} s/Mpx-it, ratio {ratio:.2f}",
-        file=sys.stderr,
-    )
+    grids = {
+        f"tile {tile}": len(tiles.tile_grid(*image.shape[-2:], tile=tile, halo=args.halo))
+        for tile in args.tiles
+    }
+    for kind, median in medians.items():
+        print(
+            f"{args.edge} px ({image.shape[-1]}x{image.shape[-2]}), halo {args.halo}, {kind:9}"
+            f" ({grids.get(kind, 1)} tiles): {median:.2f} s/Mpx-it, {median / medians['whole']:.2f}x whole",
+            file=sys.stderr,
+        )
     return {
         "edge": args.edge,
-        "tile": args.tile,
+        "image": list(image.shape[-2:]),
         "halo": args.halo,
+        "tiles_per_grid": grids,
         "seconds_per_megapixel_iteration": medians,
+        "over_whole": {kind: median / medians["whole"] for kind, median in medians.items()},
         "runs": times,
-        "tiled_over_whole": ratio,
     }
 
 
@@ -304,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mem.add_argument("--largest-whole", type=int, default=2048, help="largest edge to run whole")
     fast = commands.add_parser("speed")
     fast.add_argument("--edge", type=int, default=1024)
-    fast.add_argument("--tile", type=int, default=512)
+    fast.add_argument("--tiles", type=int, nargs="+", default=[384, 512, 768])
     fast.add_argument("--halo", type=int, default=96)
     fast.add_argument("--repeats", type=int, default=3)
     whole_job = commands.add_parser("job")

@@ -7,17 +7,20 @@ dL/dS, because dL/dF = dL/dS . dS/dF and only the tile's share of S depends on i
 loss is a sum over positions too; the total variation works on pixels and is computed on the whole image.
 So one evaluation is:
 
-1. every tile forward without gradients: the statistics and the loss values;
+1. every tile forward without gradients: the statistics and the loss values (the last tile keeps its
+   graph, and step 3 starts with it);
 2. dL/dS from the statistics (small: channels x channels per layer);
 3. every tile forward and backward on  sum <dL/dS, s(F)> + its content share, its input's gradient added
    into the image's.
 
 A tile is its core (the pixels whose features it contributes) and a halo of context around it: a core
 feature near the tile's edge sees the halo instead of the neighbouring pixels the whole image would show,
-so the gradient is exact up to the receptive field the halo cuts (docs/tiles.md measures it). Tile edges
-fall on multiples of the deepest layer's downsampling, so every pooling window and every feature position
-of a tile is one of the whole image's. The grid moves every iteration, so no pixel sits at a tile border
-twice in a row.
+so the gradient is exact up to the receptive field the halo cuts (docs/tiles.md measures it). A pass
+computes no more than the core's features depend on: the crop, and each map after a pooling, are cut to
+the context the network's taps need (VGGFeatures.context: 70 px around the core at the input for
+relu5_1). Tile edges fall on multiples of the deepest layer's downsampling, so every pooling window and
+every feature position of a tile is one of the whole image's. The grid moves every iteration, so no pixel
+sits at a tile border twice in a row.
 """
 
 from __future__ import annotations
@@ -158,8 +161,8 @@ class TileMaps:
 
 
 def _offsets(length: int, tile: int, cuts: Sequence[int]) -> list[int]:
-    """The moves (multiples of TILE_ALIGN) of all inner `cuts` together that keep every segment of
-    [0, length] within 1..tile pixels and the first and the last within half their even share of it."""
+    """The moves of all inner `cuts` together, multiples of TILE_ALIGN of at most half a segment's even
+    share of `length`, that keep every segment within 1..tile pixels."""
     share = length // (len(cuts) + 1)
     found = []
     for move in range(-(share // 2) // TILE_ALIGN * TILE_ALIGN, share // 2 + 1, TILE_ALIGN):
