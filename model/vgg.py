@@ -279,10 +279,8 @@ class VGGFeatures(nn.Module):
         the taps' features over that region depend on: none at the deepest tap, one more before each 3x3
         convolution, twice as many before each 2x2 pooling (so the map a pooling reads starts on one of
         its windows when the region does)."""
-        names = LAYERS[self.arch][: self._depth]
-        downsampling = 2 ** sum(1 for name in names if name.startswith("pool"))
-        context, found = 0, []
-        for name in reversed(names):
+        downsampling, context, found = self.min_side, 0, []
+        for name in reversed(LAYERS[self.arch][: self._depth]):
             found.append((name, downsampling, context))
             if name.startswith("conv"):
                 context += 1
