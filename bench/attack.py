@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from attacks import request, run_all  # noqa: E402
 from serverproc import ServerProcess, collect, export_random_model  # noqa: E402
 
 from bench.machine import machine_info  # noqa: E402
+from bench.report import print_report  # noqa: E402
 from stylize.v1 import stylize_pb2 as pb  # noqa: E402
 from stylize.v1 import stylize_pb2_grpc  # noqa: E402
 
@@ -116,10 +116,7 @@ def main() -> None:
         "attacks": [dataclasses.asdict(outcome) | {"passed": outcome.passed} for outcome in outcomes],
         "estimates": estimates,
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from PIL import Image
 
 from bench import baseline
 from bench.machine import machine_info
+from bench.report import print_report
 from stylize.api import schedule
 from stylize.api.options import DEFAULTS, Precision, StyleOptions
 from stylize.model.vgg import VGGFeatures, random_state_dict
@@ -233,7 +233,7 @@ def main() -> int:
     content, style = square(load("chelsea.png")), load("hubble_deep_field.jpg")
     rows, speedups, ratios = speed_table(edges, content, style, extractor, device, warmup, measured)
     multiscale = multiscale_comparison(256, total, content, style, extractor, device)
-    json.dump(
+    print_report(
         {
             "machine": host,
             "settings": {
@@ -251,11 +251,8 @@ def main() -> int:
                 str(device): dataclasses.asdict(resolve_precision(Precision.AUTO, device, extractor))
             },
             "multiscale_vs_single_scale": multiscale,
-        },
-        sys.stdout,
-        indent=2,
+        }
     )
-    print()
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from procstatus import process_status  # noqa: E402
 from serverproc import LONG, SMALL, ServerProcess, export_random_model, stylize_request, wait_until  # noqa: E402
 
 from bench.machine import machine_info  # noqa: E402
+from bench.report import print_report  # noqa: E402
 from stylize.api.options import DEFAULT_LIMITS  # noqa: E402
 from stylize.server.config import ServerConfig  # noqa: E402
 from stylize.v1 import stylize_pb2 as pb  # noqa: E402
@@ -191,10 +191,7 @@ def main() -> None:
     growth = (rss_after_each[0] - before_queue) * MIB if accepted else 0
     report["per_queued_largest_request_mib"] = round(growth / MIB, 1)
     report["without_the_cap_bytes"] = int(growth * defaults.max_queue)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    print_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
 from bench.machine import machine_info  # noqa: E402
+from bench.report import print_report  # noqa: E402
 from stylize.api.options import DEFAULTS, Precision  # noqa: E402
 from stylize.model.vgg import VGGFeatures, random_state_dict  # noqa: E402
 from stylize.server.engine.imageio import pil_to_tensor  # noqa: E402
@@ -104,7 +105,7 @@ def main() -> int:
                 file=sys.stderr,
             )
             rows.append(row)
-    json.dump(
+    print_report(
         {
             "benchmark": "weights_layout",
             "machine": machine_info(),
@@ -114,11 +115,8 @@ def main() -> int:
             "warmup_iterations": args.warmup,
             "measured_iterations": args.iterations,
             "rows": rows,
-        },
-        sys.stdout,
-        indent=2,
+        }
     )
-    print()
     return 0
 
 
