@@ -76,6 +76,19 @@ def on_tiles(vgg: VGGFeatures) -> tiles.TileNetwork:
     return tiles.TileNetwork(lambda crop, trim: vgg(layout(crop), trim), vgg.context())
 
 
+def grid(
+    vgg: VGGFeatures, image: Tensor, tile: int, halo: int, shift: tuple[int, int] = (0, 0)
+) -> list[tiles.Tile]:
+    """The engine's grid of cores of at most `tile` pixels (rows: at least the network's least_rows)."""
+    return tiles.tile_grid(
+        *image.shape[-2:],
+        bounds=tiles.TileBounds(tile, tile),
+        halo=halo,
+        least_rows=on_tiles(vgg).least_rows,
+        shift=shift,
+    )
+
+
 def objective(
     vgg: VGGFeatures,
     content: Tensor,
@@ -91,8 +104,8 @@ def objective(
         if tile is None:
             content_features = vgg(content)
         else:
-            grid = tiles.tile_grid(*content.shape[-2:], tile=tile[0], halo=tile[1])
-            content_features = tiles.features_by_tiles(content, grid, on_tiles(vgg), [CONTENT_LAYER])
+            cores = grid(vgg, content, *tile)
+            content_features = tiles.features_by_tiles(content, cores, on_tiles(vgg), [CONTENT_LAYER])
     kind, statistic = (
         (MeanCovarianceStyleLoss, mean_and_second_moment)
         if loss == "mean_covariance"
@@ -123,8 +136,8 @@ def tiled_gradient(
 ) -> tuple[Tensor, Tensor]:
     image = image.clone().requires_grad_(True)
     image.grad = torch.zeros_like(image)
-    grid = tiles.tile_grid(*image.shape[-2:], tile=tile, halo=halo, shift=shift)
-    terms = tiles.tiled_terms(objective, image, grid, on_tiles(vgg), gradient=True)
+    cores = grid(vgg, image, tile, halo, shift)
+    terms = tiles.tiled_terms(objective, image, cores, on_tiles(vgg), gradient=True)
     return terms, image.grad
 
 
@@ -284,10 +297,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
                     whole_gradient(made, vgg, image)
             times[kind].append((time.perf_counter() - began) / megapixels)
     medians = {kind: statistics.median(values) for kind, values in times.items()}
-    grids = {
-        f"tile {tile}": len(tiles.tile_grid(*image.shape[-2:], tile=tile, halo=args.halo))
-        for tile in args.tiles
-    }
+    grids = {f"tile {tile}": len(grid(vgg, image, tile, args.halo)) for tile in args.tiles}
     for kind, median in medians.items():
         print(
             f"{args.edge} px ({image.shape[-1]}x{image.shape[-2]}), halo {args.halo}, {kind:9}"

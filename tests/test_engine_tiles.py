@@ -22,38 +22,50 @@ from stylize.server.engine.run import stylize
 CPU = torch.device("cpu")
 
 
+LEAST_ROWS = 128  # TileNetwork.least_rows of a network to relu5_1
+
+
+def grid(height: int, width: int, tile: int, halo: int, shift=(0, 0), least_rows=LEAST_ROWS):
+    return tiles.tile_grid(
+        height, width, bounds=tiles.TileBounds(tile, tile), halo=halo, least_rows=least_rows, shift=shift
+    )
+
+
+def test_least_rows_leave_a_columns_first_tile_rows_at_every_layer(random_network) -> None:
+    network = tiles.TileNetwork(random_network, random_network.context())
+    assert network.least_rows == LEAST_ROWS  # 70 px of context and two positions of relu5_1, rounded up
+
+
 @pytest.mark.parametrize(
-    ("height", "width", "tile", "halo", "shift"), [(256, 192, 64, 32, (0, 0)), (200, 97, 96, 64, (5, 7))]
+    ("height", "width", "tile", "halo", "shift"), [(384, 192, 64, 32, (0, 0)), (300, 97, 96, 64, (5, 7))]
 )
 def test_tile_cores_cover_the_image_once_and_crops_stay_inside_on_the_grid(
     height, width, tile, halo, shift
 ) -> None:
-    grid = tiles.tile_grid(height, width, tile=tile, halo=halo, shift=shift)
+    cores = grid(height, width, tile, halo, shift)
     covered = torch.zeros(height, width, dtype=torch.int32)
-    for t in grid:
+    for t in cores:
         covered[t.core] += 1
         (top, bottom), (left, right) = ((s.start, s.stop) for s in t.crop)
-        assert 0 <= top <= t.core[0].start and t.core[0].stop <= bottom <= height
+        # A crop reads the two rows above its core its first convolution needs; halo columns each side.
+        assert top == max(0, t.core[0].start - 2) and bottom == t.core[0].stop
         assert 0 <= left <= t.core[1].start and t.core[1].stop <= right <= width
+        assert right - t.core[1].stop in (halo, width - t.core[1].stop)
         # Every edge inside the image falls on the pooling grid, so a tile's features are the image's.
-        inner = [
-            v
-            for v in (top, bottom, left, right, t.core[0].start, t.core[1].start)
-            if v not in (height, width)
-        ]
+        inner = [v for v in (left, right, *(s.start for s in t.core)) if v not in (height, width)]
         assert all(v % TILE_ALIGN == 0 for v in inner)
-        assert bottom - t.core[0].stop in (halo, height - t.core[0].stop)
+        assert t.core[0].stop - t.core[0].start >= LEAST_ROWS
     assert torch.equal(covered, torch.ones_like(covered))
 
 
 def test_the_grid_moves_every_iteration_and_is_seeded() -> None:
     first, second = (list(itertools.islice(tiles.moving_shifts(7), 6)) for _ in range(2))
     assert first == second
-    for height, width, tile in ((512, 512, 128), (672, 1024, 512), (256, 256, 64)):
-        grids = [tiles.tile_grid(height, width, tile=tile, halo=32, shift=s) for s in first]
+    for height, width, tile in ((672, 512, 192), (672, 1024, 512), (800, 320, 256)):
+        grids = [grid(height, width, tile, 32, s) for s in first]
         for before, after in itertools.pairwise(grids):
             for axis in (0, 1):  # every border of both axes moves from one iteration to the next
-                old, new = ({t.core[axis].start for t in grid} - {0} for grid in (before, after))
+                old, new = ({t.core[axis].start for t in cores} - {0} for cores in (before, after))
                 assert old and not old & new
 
 
@@ -64,39 +76,59 @@ def test_the_grid_moves_every_iteration_and_is_seeded() -> None:
 def test_each_axis_takes_the_fewest_tiles_that_leave_its_borders_room_to_move(length, tile, count) -> None:
     # 1024 = 2 x 512 leaves two tiles of 512 no room: one more tile; 672 and 4096 fit the fewest.
     for shift in range(4):
-        cores = {
-            (t.core[1].start, t.core[1].stop)
-            for t in tiles.tile_grid(32, length, tile=tile, halo=96, shift=(0, shift))
-        }
-        assert len(cores) == count and all(0 < stop - start <= tile for start, stop in cores)
+        columns = {(t.core[1].start, t.core[1].stop) for t in grid(32, length, tile, 96, (0, shift))}
+        assert len(columns) == count and all(0 < stop - start <= tile for start, stop in columns)
+        rows = {(t.core[0].start, t.core[0].stop) for t in grid(length, 32, tile, 96, (shift, 0))}
+        assert len(rows) == count and all(LEAST_ROWS <= stop - start <= tile for start, stop in rows)
 
 
-def test_a_tile_pass_computes_only_the_context_its_core_needs(random_network) -> None:
-    image = torch.rand(1, 3, 256, 320, generator=torch.Generator().manual_seed(3))
-    network = tiles.TileNetwork(random_network, random_network.context())
+def test_rows_keep_least_rows_where_tiles_are_smaller() -> None:
+    # Tiles of 64 on 384 rows: rows of 128, which have no room to move; 300 rows: two of 160 and 140.
+    assert {(t.core[0].start, t.core[0].stop) for t in grid(384, 64, 64, 0, (3, 0))} == {
+        (0, 128),
+        (128, 256),
+        (256, 384),
+    }
+    assert {(t.core[0].start, t.core[0].stop) for t in grid(300, 64, 64, 0, (3, 0))} == {(0, 160), (160, 300)}
+
+
+def test_a_tile_pass_computes_each_feature_once_and_only_the_context_its_core_needs(random_network) -> None:
+    image = torch.rand(1, 3, 384, 320, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         whole = random_network(image)
-    widths = {}
+    passes = []
 
-    def recording(name: str, layer_map: torch.Tensor) -> torch.Tensor:
-        cut = maps(name, layer_map)
-        widths[name] = cut.shape[-1]
-        return cut
+    def features(crop: torch.Tensor, maps: tiles.TileMaps) -> dict[str, torch.Tensor]:
+        shapes: dict[str, tuple[int, int]] = {}
 
-    for tile in tiles.tile_grid(256, 320, tile=128, halo=96, shift=(1, 1)):
-        maps = tiles.TileMaps(tile, network.context)
-        with torch.no_grad():
-            features = random_network(maps.input(image), recording)
-        for name, d, _ in network.context[1:]:
-            if name in features:  # the core's features are the whole image's, to rounding
-                expected = whole[name][..., tile.image_features(d)[0], tile.image_features(d)[1]]
-                torch.testing.assert_close(maps.core_of(name, features[name]), expected, rtol=1e-4, atol=1e-5)
+        def recording(name: str, layer_map: torch.Tensor) -> torch.Tensor:
+            cut = maps(name, layer_map)
+            shapes[name] = (cut.shape[-2], cut.shape[-1])
+            return cut
+
+        passes.append((maps, crop.shape[-2], shapes))
+        return random_network(crop, recording)
+
+    network = tiles.TileNetwork(features, random_network.context())
+    cores = grid(384, 320, 128, 96, (1, 1))
+    assert len({t.core[0].start for t in cores}) == 3  # three tiles down each column
+    found = tiles.features_by_tiles(image, cores, network, random_network.layers)
+    for name in random_network.layers:  # the tiles' features are the whole image's, to rounding
+        torch.testing.assert_close(found[name], whole[name], rtol=1e-4, atol=1e-5)
+    for maps, crop_rows, shapes in passes:
+        tile = maps.tile
+        assert crop_rows == tile.core[0].stop - max(0, tile.core[0].start - 2)
+        for name, _, _ in network.context[1:]:
+            # A map is the tile's own rows and at most the two the tile above handed down.
+            own = maps.core_positions(name)[0]
+            assert 0 <= shapes[name][0] - (own.stop - own.start) <= (2 if tile.core[0].start else 0)
         if tile.core[1].start >= 160 and tile.core[1].stop < 320:  # context on both sides, cut from the halo
             core = tile.core[1].stop - tile.core[1].start
             assert maps.crop[1].stop - maps.crop[1].start == core + 2 * 70
             # Cut after each pooling to the context the convolutions after it need: 34, 16, 6, 1 (even: 2).
-            assert [widths[f"pool{n}"] - core // 2**n for n in (1, 2, 3, 4)] == [2 * 34, 2 * 16, 2 * 6, 2 * 2]
-            assert widths["relu4_1"] == widths["pool3"]  # no cut between poolings
+            widths = [shapes[f"pool{n}"][1] - core // 2**n for n in (1, 2, 3, 4)]
+            assert widths == [2 * 34, 2 * 16, 2 * 6, 2 * 2]
+            assert shapes["relu4_1"][1] == shapes["pool3"][1]  # no cut between poolings
 
 
 def test_tile_options_are_validated_with_the_fields_named() -> None:
@@ -174,7 +206,9 @@ def real_network(real_weights_cache):
 def test_the_tiled_gradient_equals_the_whole_images_at_the_default_halo(term, real_network) -> None:
     from bench.tiles import TERMS, images, objective, relative, tiled_gradient, whole_gradient
 
-    content, style, image = images(256)
+    # Portrait (160 x 256 turned on its side): two rows of tiles and two columns of 128.
+    content, style, image = (i.transpose(-1, -2) for i in images(256))
+    assert {len({t.core[axis].start for t in grid(256, 160, 128, 0)}) for axis in (0, 1)} == {2}
     made = objective(
         real_network, content, style, "mean_covariance" if term == "mean_covariance" else "gram", TERMS[term]
     )
@@ -196,7 +230,7 @@ def test_the_gradient_has_no_seam_at_tile_borders(real_network) -> None:
     shift = (1, 2)
     _, tiled = tiled_gradient(made, real_network, image, 64, DEFAULTS.tile_halo, shift)
     near = torch.zeros(image.shape[-2:], dtype=torch.bool)
-    for t in tiles.tile_grid(*image.shape[-2:], tile=64, halo=DEFAULTS.tile_halo, shift=shift):
+    for t in grid(*image.shape[-2:], 64, DEFAULTS.tile_halo, shift):
         for axis, core in enumerate(t.core):
             for edge in (core.start, core.stop):
                 band = slice(max(0, edge - 4), edge + 4)

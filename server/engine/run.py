@@ -253,15 +253,19 @@ class _Job:
         return _resize(style, round(h * grow), round(w * grow))
 
     def _style_statistics(
-        self, style: Tensor, output: tuple[int, int], statistics: tiles.StatisticFn, tile: int | None
+        self,
+        style: Tensor,
+        output: tuple[int, int],
+        statistics: tiles.StatisticFn,
+        tile: tiles.TileBounds | None,
     ) -> dict[str, Any]:
         """Per style layer: a Tensor or a tuple of them, whichever the style loss's `statistics` makes
         (and its loss takes, after blend()). A style image larger than `tile` is read by tiles."""
         image = self._style_input(style, output)
-        if tile is not None and max(image.shape[-2:]) > tile:
-            grid = tiles.tile_grid(*image.shape[-2:], tile=tile, halo=self.options.tile_halo)
+        if tile is not None and (image.shape[-2] > tile.rows or image.shape[-1] > tile.columns):
+            network = self._tile_network(loop=False)
             names = {name: statistics for name in self.style_layers}
-            return tiles.statistics_by_tiles(image, grid, self._tile_network(loop=False), names)
+            return tiles.statistics_by_tiles(image, self._grid(image, tile, network), network, names)
         features = self._target_features(image)
         return {name: statistics(features[name], None) for name in self.style_layers}
 
@@ -277,27 +281,47 @@ class _Job:
 
         return tiles.TileNetwork(features, network.context())
 
-    def _tile_size(self, pixels: int, edge: int) -> int | None:
-        """The tile edge for a scale (None: the scale runs whole): the caller's tile_size for a scale with
-        an edge above it; else, where a whole-image pass would not fit the device's free memory, the
-        largest tile whose crop does."""
+    def _grid(
+        self,
+        image: Tensor,
+        bounds: tiles.TileBounds,
+        network: tiles.TileNetwork,
+        shift: tuple[int, int] = (0, 0),
+    ) -> list[tiles.Tile]:
+        return tiles.tile_grid(
+            *image.shape[-2:],
+            bounds=bounds,
+            halo=self.options.tile_halo,
+            least_rows=network.least_rows,
+            shift=shift,
+        )
+
+    def _tile_bounds(self, scale: schedule.Scale) -> tiles.TileBounds | None:
+        """The tiles of a scale (None: the scale runs whole): cores of the caller's tile_size for a scale
+        with an edge above it; else, where a whole-image pass would not fit the device's free memory, the
+        largest tiles whose passes do."""
         o = self.options
         if self.network is None:
             return None
         if o.tile_size:
-            return o.tile_size if edge > o.tile_size else None
-        if tiles.whole_image_fits(pixels, self.device):
+            return (
+                tiles.TileBounds(o.tile_size, o.tile_size)
+                if max(scale.width, scale.height) > o.tile_size
+                else None
+            )
+        if tiles.whole_image_fits(scale.pixels, self.device):
             return None
-        return tiles.largest_tile(o.tile_halo, self.device)
+        least_rows = self._tile_network(loop=True).least_rows
+        return tiles.largest_bounds(scale.width, o.tile_halo, least_rows, self.device)
 
-    def _objective(self, content: Tensor, tile: int | None) -> Objective:
+    def _objective(self, content: Tensor, tile: tiles.TileBounds | None) -> Objective:
         o = self.options
         output = (content.shape[-1], content.shape[-2])
         content_features: dict[str, Tensor] = {}
         if self.content_layers and tile is not None:
-            grid = tiles.tile_grid(*content.shape[-2:], tile=tile, halo=o.tile_halo)
+            network = self._tile_network(loop=False)
             content_features = tiles.features_by_tiles(
-                content, grid, self._tile_network(loop=False), self.content_layers
+                content, self._grid(content, tile, network), network, self.content_layers
             )
         elif self.content_layers:
             content_features = self._target_features(content)
@@ -347,11 +371,17 @@ class _Job:
         return cast(Tensor, objective(features, image))
 
     def _tiled_terms(
-        self, objective: Objective, image: Tensor, tile: int, shift: tuple[int, int], *, gradient: bool
+        self,
+        objective: Objective,
+        image: Tensor,
+        tile: tiles.TileBounds,
+        shift: tuple[int, int],
+        *,
+        gradient: bool,
     ) -> Tensor:
-        halo = self.options.tile_halo
-        grid = tiles.tile_grid(*image.shape[-2:], tile=tile, halo=halo, shift=shift)
-        return tiles.tiled_terms(objective, image, grid, self._tile_network(loop=True), gradient=gradient)
+        network = self._tile_network(loop=True)
+        grid = self._grid(image, tile, network, shift)
+        return tiles.tiled_terms(objective, image, grid, network, gradient=gradient)
 
     def _colored(self, image: Tensor) -> Tensor:
         """The optimized image as the RGB output ([1, 3, H, W])."""
@@ -393,11 +423,11 @@ class _Job:
         objective: Objective | None = None
         target_seconds = 0.0
         shifts = tiles.moving_shifts(o.seed)
-        tile: int | None = None
+        tile: tiles.TileBounds | None = None
         for index, scale in enumerate(plan):
             self._check_cancel()
             content = _resize(self.work_content, scale.height, scale.width)
-            tile = self._tile_size(scale.pixels, max(scale.width, scale.height))
+            tile = self._tile_bounds(scale)
             targets_began = time.perf_counter()
             objective = self._objective(content, tile)
             target_seconds += time.perf_counter() - targets_began
@@ -410,7 +440,9 @@ class _Job:
             stepper = self._stepper(image, stepper)
 
             def closure(
-                stepper: Stepper = stepper, objective: Objective = objective, tile: int | None = tile
+                stepper: Stepper = stepper,
+                objective: Objective = objective,
+                tile: tiles.TileBounds | None = tile,
             ) -> Tensor:
                 if tile is not None:
                     return self._tiled_terms(objective, stepper.image, tile, next(shifts), gradient=True)

@@ -54,17 +54,19 @@ MEMORY_SHARE = 0.5
 
 @dataclass(frozen=True)
 class Tile:
-    """Rows and columns of the image: `crop` is what the network sees (core and halo, inside the image),
+    """Rows and columns of the image: `crop` is what the network sees (core and context, inside the image),
     `core` the pixels whose features this tile contributes."""
 
     crop: tuple[slice, slice]
     core: tuple[slice, slice]
 
-    def image_features(self, downsampling: int) -> tuple[slice, slice]:
-        """The core in the whole image's feature map of that layer."""
-        return tuple(  # type: ignore[return-value]  # two slices
-            slice(core.start // downsampling, core.stop // downsampling) for core in self.core
-        )
+
+@dataclass(frozen=True)
+class TileBounds:
+    """The most rows and columns a tile's core takes (multiples of TILE_ALIGN, or the image's own)."""
+
+    rows: int
+    columns: int
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,15 @@ class TileNetwork:
 
     features: Callable[[Tensor, Trim], Mapping[str, Tensor]]
     context: Sequence[tuple[str, int, int]]
+
+    @property
+    def least_rows(self) -> int:
+        """The fewest rows a tile may take: a column's first tile loses the context's rows at its foot on
+        the way down the network (they come from the next tile) and must still hand two rows of its
+        deepest layer's input on."""
+        _, _, context = self.context[0]
+        deepest = max(downsampling for _, downsampling, _ in self.context)
+        return -(-(context + 2 * deepest) // TILE_ALIGN) * TILE_ALIGN
 
 
 class _Cut(torch.autograd.Function):
@@ -97,77 +108,112 @@ def _cut(layer_map: Tensor, rows: slice, columns: slice) -> Tensor:
     return cast(Tensor, _Cut.apply(layer_map, rows, columns))  # type: ignore[no-untyped-call]
 
 
-class TileMaps:
-    """One pass of the network over a tile, as its Trim: the crop it reads, and each map cut to the context
-    the taps need around the core (VGGFeatures.context) where a pooling has just made it: the context a
-    run of convolutions needs is the most at its start, and one cut there costs less than one per
-    layer. A cut keeps an even context on each side, so the next pooling reads from a window's start.
-    Maps are kept on the image's grid: a map's origin is its first position's in the image's map of that
-    layer."""
+# Rows of its input above an output row that a 3x3 convolution reads: what a tile hands the tile below
+# it for each convolution (and reads of the image above its core, for the first).
+_CONVOLUTION_ROWS = 2
 
-    def __init__(self, tile: Tile, context: Sequence[tuple[str, int, int]]):
+
+class TileMaps:
+    """One pass of the network over a tile, as its Trim.
+
+    Rows are streamed down a column of tiles: a tile computes each layer's rows that its own rows of the
+    layer before make whole, and hands the last rows of each map a convolution or pooling reads (`handed`)
+    to the tile below, which puts them on top of its own (`carried`, from the tile above). So every
+    feature is computed once, from the whole image's rows, and a tile reads only two rows of the image
+    above its core. Columns take context instead: the crop, and each map where a pooling has just made
+    it, are cut to the context the taps need on each side of the core (VGGFeatures.context), rounded up to
+    even so the next pooling reads from a window's start. Maps are kept on the image's grid: a map's
+    origin is its first position's in the image's map of that layer."""
+
+    def __init__(
+        self, tile: Tile, context: Sequence[tuple[str, int, int]], height: int, carried: Mapping[str, Tensor]
+    ):
         self.tile = tile
         self._context = {name: (downsampling, positions) for name, downsampling, positions in context}
+        names = [name for name, _, _ in context]
+        self._reader = dict(itertools.pairwise(names))  # the layer reading each layer's map
+        self._above, self._below = tile.core[0].start > 0, tile.core[0].stop < height
+        self.carried = carried  # the tile above's rows, by the layer that reads them
+        self.handed: dict[str, Tensor] = {}  # rows for the tile below, by the layer that reads them
         self._downsampling = 1
-        origin = (tile.crop[0].start, tile.crop[1].start)
-        extent = (tile.crop[0].stop - origin[0], tile.crop[1].stop - origin[1])
-        self.crop = self._kept("input", origin, extent)  # of the image, in pixels
-        self._origin = (self.crop[0].start, self.crop[1].start)
+        start = tile.crop[1].start
+        self.crop = (tile.crop[0], self._kept("input", start, tile.crop[1].stop - start))  # of the image
+        self._row, self._column = self.crop[0].start, self.crop[1].start
+        # Per layer: its map's first row and first column, and the rows of the tile's own part of it.
         self._origins: dict[str, tuple[int, int]] = {}
+        self._own_rows: dict[str, slice] = {}
 
-    def _kept(self, name: str, origin: tuple[int, int], extent: tuple[int, int]) -> tuple[slice, slice]:
-        """What a map of `name` from `origin` with `extent` positions keeps: the core, and on each side of
-        it the context rounded up to even or all the map has there (rounded down to even before the core:
-        the origin stays on the poolings' grid; at the image's edge what there is is even already)."""
+    def _kept(self, name: str, start: int, size: int) -> slice:
+        """The columns a map of `name` from column `start` with `size` columns keeps: the core, and on
+        each side of it the context rounded up to even or all the map has there (rounded down to even
+        before the core: the origin stays on the poolings' grid; at the image's edge what there is is
+        even already)."""
         downsampling, context = self._context[name]
         context += context % 2
-        kept = []
-        for core, start, size in zip(self.tile.core, origin, extent, strict=True):
-            first, last = core.start // downsampling, core.stop // downsampling
-            before = min(first - start, context)
-            kept.append(slice(first - before + before % 2, min(start + size, last + context)))
-        return tuple(kept)  # type: ignore[return-value]  # two slices
+        core = self.tile.core[1]
+        first, last = core.start // downsampling, core.stop // downsampling
+        before = min(first - start, context)
+        return slice(first - before + before % 2, min(start + size, last + context))
 
     def input(self, image: Tensor) -> Tensor:
         """The crop of `image` ([1, C, H, W]) this pass reads."""
         return image[..., self.crop[0], self.crop[1]]
 
     def __call__(self, name: str, layer_map: Tensor) -> Tensor:
-        downsampling = self._context[name][0]
-        scale = downsampling // self._downsampling  # 2 after a pooling
-        origin = (self._origin[0] // scale, self._origin[1] // scale)
-        if scale == 1:
-            self._origins[name] = origin
-            return layer_map
-        assert all(o % scale == 0 for o in self._origin), (name, self._origin)  # the pooling was aligned
-        rows, columns = self._kept(name, origin, (layer_map.shape[-2], layer_map.shape[-1]))
-        self._downsampling, self._origin = downsampling, (rows.start, columns.start)
-        self._origins[name] = self._origin
-        rows = slice(rows.start - origin[0], rows.stop - origin[0])
-        columns = slice(columns.start - origin[1], columns.stop - origin[1])
-        return _cut(layer_map, rows, columns)
+        rows, columns = slice(0, layer_map.shape[-2]), slice(0, layer_map.shape[-1])
+        if name.startswith("conv"):  # its first and last rows read rows the tiles above and below have
+            rows = slice(int(self._above), layer_map.shape[-2] - int(self._below))
+            self._row += int(self._above)
+        elif name.startswith("pool"):
+            assert self._row % 2 == 0 and self._column % 2 == 0, (name, self._row, self._column)
+            kept = self._kept(name, self._column // 2, layer_map.shape[-1])
+            columns = slice(kept.start - self._column // 2, kept.stop - self._column // 2)
+            self._row, self._column = self._row // 2, kept.start
+        if rows != slice(0, layer_map.shape[-2]) or columns != slice(0, layer_map.shape[-1]):
+            layer_map = _cut(layer_map, rows, columns)
+        own = self._row
+        reader = self._reader.get(name, "")
+        if reader.startswith(("conv", "pool")):
+            above = self.carried.get(reader)
+            if above is not None:
+                layer_map = torch.cat([above, layer_map], dim=-2)
+                self._row -= above.shape[-2]
+            # A convolution's next output row reads the last two; a pooling leaves an odd row unpaired.
+            handed = _CONVOLUTION_ROWS if reader.startswith("conv") else layer_map.shape[-2] % 2
+            if self._below and handed:
+                self.handed[reader] = layer_map[..., layer_map.shape[-2] - handed :, :]
+        self._origins[name] = (self._row, self._column)
+        self._own_rows[name] = slice(own - self._row, layer_map.shape[-2])
+        return layer_map
 
     def _core(self, name: str) -> tuple[slice, slice]:
-        """The core's positions in this pass's map of layer `name`."""
+        """The tile's own positions in this pass's map of layer `name`."""
         downsampling = self._context[name][0]
-        return tuple(  # type: ignore[return-value]  # two slices
-            slice(core.start // downsampling - start, core.stop // downsampling - start)
-            for core, start in zip(self.tile.core, self._origins[name], strict=True)
+        core = self.tile.core[1]
+        start = self._origins[name][1]
+        return self._own_rows[name], slice(
+            core.start // downsampling - start, core.stop // downsampling - start
         )
 
     def core_of(self, name: str, layer_map: Tensor) -> Tensor:
-        """The core's part of this pass's map of layer `name`."""
+        """The tile's own part of this pass's map of layer `name`."""
         return _cut(layer_map, *self._core(name))
 
+    def core_positions(self, name: str) -> tuple[slice, slice]:
+        """The tile's own part of layer `name` in the whole image's map of it."""
+        rows, columns = self._core(name)
+        row, column = self._origins[name]
+        return slice(rows.start + row, rows.stop + row), slice(columns.start + column, columns.stop + column)
 
-def _offsets(length: int, tile: int, cuts: Sequence[int]) -> list[int]:
+
+def _offsets(length: int, tile: int, cuts: Sequence[int], least: int) -> list[int]:
     """The moves of all inner `cuts` together, multiples of TILE_ALIGN of at most half a segment's even
-    share of `length`, that keep every segment within 1..tile pixels."""
+    share of `length`, that keep every segment within least..tile pixels."""
     share = length // (len(cuts) + 1)
     found = []
     for move in range(-(share // 2) // TILE_ALIGN * TILE_ALIGN, share // 2 + 1, TILE_ALIGN):
         edges = [0, *(cut + move for cut in cuts), length]
-        if all(0 < b - a <= tile for a, b in itertools.pairwise(edges)):
+        if all(least <= b - a <= tile for a, b in itertools.pairwise(edges)):
             found.append(move)
     return found
 
@@ -179,42 +225,59 @@ def _bounce(step: int, count: int) -> int:
     return phase if phase < count else period - phase
 
 
-def _cuts(length: int, tile: int, shift: int) -> list[int]:
-    """One axis's segment edges: the fewest near-even segments of at most `tile` pixels whose inner cuts
+def _even_cuts(length: int, count: int) -> list[int]:
+    return [round(k * length / count / TILE_ALIGN) * TILE_ALIGN for k in range(1, count)]
+
+
+def _cuts(length: int, tile: int, shift: int, least: int = 1) -> list[int]:
+    """One axis's segment edges: the fewest near-even segments of least..tile pixels whose inner cuts
     can move together (or one more segment, where they could not), all moved by one of the moves they
     allow, the `shift`-th going back and forth (_bounce), so consecutive shifts move every cut by
-    TILE_ALIGN. Where neither count leaves room (tiles of a few TILE_ALIGN), cores of `tile` from an
-    origin the shift moves, a part-tile at each end."""
+    TILE_ALIGN. Where neither count leaves room: with a `least`, the most near-even segments of at least
+    that, unmoved; else cores of `tile` from an origin the shift moves, a part-tile at each end."""
+    tile = max(tile, least)
     if length <= tile:
         return [0, length]
     fewest = -(-length // tile)
     for count in (fewest, fewest + 1):
-        cuts = [round(k * length / count / TILE_ALIGN) * TILE_ALIGN for k in range(1, count)]
-        moves = _offsets(length, tile, cuts)
+        cuts = _even_cuts(length, count)
+        moves = _offsets(length, tile, cuts, least)
         if len(moves) > 1:
             return [0, *(cut + moves[_bounce(shift, len(moves))] for cut in cuts), length]
+    if least > 1:
+        for count in range(fewest, 1, -1):
+            edges = [0, *_even_cuts(length, count), length]
+            if all(b - a >= least for a, b in itertools.pairwise(edges)):
+                return edges
+        return [0, length]
     steps = tile // TILE_ALIGN
     offset = (_bounce(shift, steps) if steps > 1 else 0) * TILE_ALIGN
     return [0, *(cut for cut in range(tile - offset, length, tile) if cut > 0), length]
 
 
 def tile_grid(
-    height: int, width: int, *, tile: int, halo: int, shift: tuple[int, int] = (0, 0)
+    height: int,
+    width: int,
+    *,
+    bounds: TileBounds,
+    halo: int,
+    least_rows: int,
+    shift: tuple[int, int] = (0, 0),
 ) -> list[Tile]:
-    """Tiles covering an image: on each axis about the fewest cores of at most `tile` pixels, their
-    borders moved by `shift` (any integers; see _cuts; tiles of TILE_ALIGN cannot move); each crop adds
-    `halo` pixels of context on every side, inside the image. `tile` and `halo` are multiples of
-    TILE_ALIGN."""
-    if tile <= 0 or tile % TILE_ALIGN or halo % TILE_ALIGN:
-        raise ValueError(f"tile {tile} and halo {halo} must be multiples of {TILE_ALIGN}")
-    rows, columns = (
-        _cuts(length, tile, shift_by) for length, shift_by in zip((height, width), shift, strict=True)
-    )
+    """Tiles covering an image, in rows from the top, each row from the left: on each axis about the
+    fewest cores within `bounds` (rows at least `least_rows`: TileNetwork.least_rows), their borders moved
+    by `shift` (any integers; see _cuts); each crop adds `halo` columns of context on each side and the
+    two rows of the image above its core that its first convolution reads, inside the image. Bounds and
+    halo are multiples of TILE_ALIGN."""
+    if any(b <= 0 or b % TILE_ALIGN for b in (bounds.rows, bounds.columns)) or halo % TILE_ALIGN:
+        raise ValueError(f"tile bounds {bounds} and halo {halo} must be multiples of {TILE_ALIGN}")
+    rows = _cuts(height, bounds.rows, shift[0], least_rows)
+    columns = _cuts(width, bounds.columns, shift[1])
     tiles = []
     for top, bottom in itertools.pairwise(rows):
         for left, right in itertools.pairwise(columns):
             crop = (
-                slice(max(0, top - halo), min(height, bottom + halo)),
+                slice(max(0, top - _CONVOLUTION_ROWS), bottom),
                 slice(max(0, left - halo), min(width, right + halo)),
             )
             tiles.append(Tile(crop, (slice(top, bottom), slice(left, right))))
@@ -229,11 +292,16 @@ def moving_shifts(seed: int) -> Iterator[tuple[int, int]]:
         yield step, step
 
 
-def largest_tile(halo: int, device: torch.device) -> int:
-    """The largest tile (a multiple of TILE_ALIGN, at least 2 of them) whose crop a pass can plan for
-    within the memory free on `device`."""
-    crop = math.isqrt(int(MEMORY_SHARE * free_memory(device) / BYTES_PER_PIXEL))
-    return max(2 * TILE_ALIGN, (crop - 2 * halo) // TILE_ALIGN * TILE_ALIGN)
+def largest_bounds(width: int, halo: int, least_rows: int, device: torch.device) -> TileBounds:
+    """The largest tiles a pass can plan for within the memory free on `device`: rows of the image's
+    whole width where `least_rows` of them fit (no columns, so no context to compute twice), else square
+    cores (multiples of TILE_ALIGN, at least 2 of them) whose crops with `halo` fit."""
+    pixels = int(MEMORY_SHARE * free_memory(device) / BYTES_PER_PIXEL)
+    rows = (pixels // width - _CONVOLUTION_ROWS) // TILE_ALIGN * TILE_ALIGN
+    if rows >= least_rows:
+        return TileBounds(rows, -(-width // TILE_ALIGN) * TILE_ALIGN)
+    edge = max(2 * TILE_ALIGN, (math.isqrt(pixels) - 2 * halo) // TILE_ALIGN * TILE_ALIGN)
+    return TileBounds(edge, edge)
 
 
 def positions(size: tuple[int, int], downsampling: int) -> int:
@@ -246,16 +314,42 @@ def _downsampling(network: TileNetwork) -> dict[str, int]:
 
 
 def _forward(
-    tile: Tile, image: Tensor, network: TileNetwork, *, gradient: bool
+    tile: Tile, image: Tensor, network: TileNetwork, carried: Mapping[str, Tensor], *, gradient: bool
 ) -> tuple[TileMaps, Tensor, Mapping[str, Tensor]]:
-    """A tile's pass: its maps, the crop it read (a leaf that requires grad, with `gradient`) and its
-    features."""
-    maps = TileMaps(tile, network.context)
+    """A tile's pass on the rows `carried` from the tile above: its maps, the crop it read (a leaf that
+    requires grad, with `gradient`) and its features."""
+    maps = TileMaps(tile, network.context, image.shape[-2], carried)
     crop = maps.input(image.detach())
     with torch.set_grad_enabled(gradient):
         if gradient:
             crop = crop.clone().requires_grad_(True)
         return maps, crop, network.features(crop, maps)
+
+
+def _column(tile: Tile) -> tuple[int, int]:
+    return tile.core[1].start, tile.core[1].stop
+
+
+def _passes(
+    image: Tensor, tiles: Sequence[Tile], network: TileNetwork, *, keep_last: bool = False
+) -> Iterator[tuple[TileMaps, Tensor, Mapping[str, Tensor], Mapping[str, Tensor]]]:
+    """Every tile's pass without gradients, in the grid's order, each on the rows the tile above it
+    handed down; with `keep_last`, the last one's with its graph (its carried rows leaves that require
+    grad). Yields the maps, crop and features and the rows carried in (detached, for a later pass)."""
+    handed: dict[tuple[int, int], dict[str, Tensor]] = {}
+    for index, tile in enumerate(tiles):
+        received = handed.pop(_column(tile), {})
+        keep = keep_last and index == len(tiles) - 1
+        carried = _carried_leaves(received) if keep else received
+        maps, crop, features = _forward(tile, image, network, carried, gradient=keep)
+        # Copies: a view would keep the whole map it was cut from.
+        handed[_column(tile)] = {name: rows.detach().clone() for name, rows in maps.handed.items()}
+        yield maps, crop, features, received
+
+
+def _carried_leaves(received: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rows carried into a pass with gradients: leaves whose gradients go to the tile above."""
+    return {name: rows.detach().requires_grad_(True) for name, rows in received.items()}
 
 
 def statistics_by_tiles(
@@ -266,8 +360,7 @@ def statistics_by_tiles(
     downsampling = _downsampling(network)
     totals: dict[str, Any] = {}
     with torch.no_grad():
-        for tile in tiles:
-            maps, _, features = _forward(tile, image, network, gradient=False)
+        for maps, _, features, _ in _passes(image, tiles, network):
             _accumulate(totals, _shares(features, maps, statistics, size, downsampling))
     return totals
 
@@ -299,15 +392,15 @@ def features_by_tiles(
     downsampling = _downsampling(network)
     found: dict[str, Tensor] = {}
     with torch.no_grad():
-        for tile in tiles:
-            maps, _, features = _forward(tile, image, network, gradient=False)
+        for maps, _, features, _ in _passes(image, tiles, network):
             for name in layers:
                 d = downsampling[name]
                 part = features[name].float()
                 if name not in found:
                     found[name] = part.new_zeros((*part.shape[:2], size[0] // d, size[1] // d))
-                target_rows, target_columns = tile.image_features(d)
-                found[name][..., target_rows, target_columns] = maps.core_of(name, part)
+                found[name][..., maps.core_positions(name)[0], maps.core_positions(name)[1]] = maps.core_of(
+                    name, part
+                )
     return found
 
 
@@ -321,14 +414,11 @@ def _leaves(statistic: Any) -> tuple[Tensor, ...]:
     return (statistic,) if isinstance(statistic, Tensor) else tuple(statistic)
 
 
-def _content_share(
-    content: LayerSum, features: Mapping[str, Tensor], maps: TileMaps, downsampling: Mapping[str, int]
-) -> Tensor:
+def _content_share(content: LayerSum, features: Mapping[str, Tensor], maps: TileMaps) -> Tensor:
     terms = []
     for name, loss in content.losses.items():
         assert isinstance(loss, ContentLoss)
-        target_rows, target_columns = maps.tile.image_features(downsampling[name])
-        share = loss.part(maps.core_of(name, features[name]), target_rows, target_columns)
+        share = loss.part(maps.core_of(name, features[name]), *maps.core_positions(name))
         terms.append(share * content.weights[name])
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
@@ -347,14 +437,15 @@ def tiled_terms(
     # Pass 1: statistics and values. Its last tile keeps its graph (with `gradient`), and pass 2 starts
     # with it instead of passing it again.
     kept: tuple[TileMaps, Tensor, Mapping[str, Tensor]] | None = None
-    for index, tile in enumerate(tiles):
-        keep = gradient and index == len(tiles) - 1
-        maps, crop, features = _forward(tile, image, network, gradient=keep)
+    received: list[Mapping[str, Tensor]] = []
+    for maps, crop, features, carried in _passes(image, tiles, network, keep_last=gradient):
         with torch.no_grad():
-            content = content + _content_share(objective.content, features, maps, downsampling).to(content)
+            content = content + _content_share(objective.content, features, maps).to(content)
             _accumulate(totals, _shares(features, maps, style_statistics, size, downsampling))
-        if keep:
+        received.append(carried)
+        if gradient and len(received) == len(tiles):
             kept = maps, crop, features
+    del maps, crop, features
     leaves = {
         name: tuple(t.detach().requires_grad_(gradient) for t in _leaves(v)) for name, v in totals.items()
     }
@@ -370,17 +461,27 @@ def tiled_terms(
         assert image.grad is not None and kept is not None
         ready = [kept]  # pass 2 starts with the kept tile; popping it hands its graph to the pass
         del kept
-        for tile in (tiles[-1], *tiles[:-1]):  # pass 2: each tile's share of the gradient
-            maps, crop, features = ready.pop() if ready else _forward(tile, image, network, gradient=True)
-            surrogate = (
-                _content_share(objective.content, features, maps, downsampling) * objective.content_weight
-            )
+        # The gradients of the rows each column's last pass received, for the tile above it.
+        owed: dict[tuple[int, int], dict[str, Tensor]] = {}
+        for index in reversed(range(len(tiles))):  # pass 2: each tile's share, from the bottom up
+            if ready:
+                maps, crop, features = ready.pop()
+            else:
+                carried = _carried_leaves(received[index])
+                maps, crop, features = _forward(tiles[index], image, network, carried, gradient=True)
+            surrogate = _content_share(objective.content, features, maps) * objective.content_weight
             for name, share in _shares(features, maps, style_statistics, size, downsampling).items():
                 for leaf, part in zip(leaves[name], _leaves(share), strict=True):
                     surrogate = surrogate + (slopes[leaf] * part).sum()
-            surrogate.backward()
+            below = owed.pop(_column(tiles[index]), {})
+            torch.autograd.backward(
+                [surrogate, *(maps.handed[name] for name in below)], [None, *below.values()]
+            )
             assert crop.grad is not None
             image.grad[..., maps.crop[0], maps.crop[1]] += crop.grad
+            owed[_column(tiles[index])] = {
+                name: rows.grad for name, rows in maps.carried.items() if rows.grad is not None
+            }
             del maps, crop, features, surrogate  # the next tile's pass runs without them
     return torch.stack([content + style.detach() + tv.detach(), content, style.detach(), tv.detach()])
 
