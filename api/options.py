@@ -173,11 +173,13 @@ class StyleOptions:
     precision: Precision = Precision.AUTO
 
     # Tiled optimization (server/engine/tiles.py): 0 tiles a scale only when a whole-image pass would not
-    # fit the device's free memory; N tiles every scale with an edge above N, in cores of at most N pixels.
+    # fit the device's free memory (in rows of the image's whole width); N tiles every scale with an edge
+    # above N, in cores of at most N pixels (rows, which stream down a column, of at least 128 to relu5_1).
     tile_size: int = 0
-    # Context around each tile, pixels: what the tiled gradient's error falls with. 96 covers the 70 pixels
-    # around a region that relu5_1's features of it depend on, so the tiled gradient is the whole image's
-    # (docs/tiles.md); a tile's pass reads no more context than its taps need.
+    # Context each side of a tile, in columns (rows stream and need none), pixels: what the tiled
+    # gradient's error falls with. 96 covers the 70 pixels around a region that relu5_1's features of it
+    # depend on, so the tiled gradient is the whole image's (docs/tiles.md); a tile's pass reads no more
+    # context than its taps need.
     tile_halo: int = 96
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.tiles exactness [--edge 384] [--tiles 128 192] [--halos 0 32 64 96 128]
     python -m bench.tiles memory [--edges 512 1024 2048 4096] [--tile 512] [--halo 96]
-    python -m bench.tiles speed [--edge 1024] [--tiles 384 512 768] [--halo 96] [--repeats 3]
+    python -m bench.tiles speed [--edge 1024] [--tiles 384 512 768] [--rows 352] [--halo 96] [--repeats 3]
     python -m bench.tiles job [--edge 4096] [--iterations 2] [--tile 0] [--precision auto]
 
 exactness: the relative L2 error ||g_tiled - g_whole|| / ||g_whole|| of the image gradient of one
@@ -10,7 +10,8 @@ evaluation, by loss term alone (content, Gram style, mean-covariance style, tota
 together, on the real ImageNet VGG19 (`make weights`), chelsea and the Hubble field, fp32. Every
 command runs the network in the engine's layout (channels-last).
 memory: peak RSS of one evaluation (forward and backward) tiled and whole, in a fresh process per row.
-speed: seconds per megapixel-iteration whole and by tiles of each size, interleaved rounds, medians.
+speed: seconds per megapixel-iteration whole, by tiles of each size and by rows of the whole width,
+interleaved rounds, medians.
 job: a whole job through the engine (one scale, Adam), its peak RSS and time.
 JSON on stdout; a table on stderr.
 """
@@ -77,12 +78,13 @@ def on_tiles(vgg: VGGFeatures) -> tiles.TileNetwork:
 
 
 def grid(
-    vgg: VGGFeatures, image: Tensor, tile: int, halo: int, shift: tuple[int, int] = (0, 0)
+    vgg: VGGFeatures, image: Tensor, tile: int | tiles.TileBounds, halo: int, shift: tuple[int, int] = (0, 0)
 ) -> list[tiles.Tile]:
-    """The engine's grid of cores of at most `tile` pixels (rows: at least the network's least_rows)."""
+    """The engine's grid of cores of at most `tile` pixels or within `tile`'s bounds (rows: at least the
+    network's least_rows)."""
     return tiles.tile_grid(
         *image.shape[-2:],
-        bounds=tiles.TileBounds(tile, tile),
+        bounds=tile if isinstance(tile, tiles.TileBounds) else tiles.TileBounds(tile, tile),
         halo=halo,
         least_rows=on_tiles(vgg).least_rows,
         shift=shift,
@@ -132,7 +134,12 @@ def whole_gradient(objective: Objective, vgg: VGGFeatures, image: Tensor) -> tup
 
 
 def tiled_gradient(
-    objective: Objective, vgg: VGGFeatures, image: Tensor, tile: int, halo: int, shift: tuple[int, int]
+    objective: Objective,
+    vgg: VGGFeatures,
+    image: Tensor,
+    tile: int | tiles.TileBounds,
+    halo: int,
+    shift: tuple[int, int],
 ) -> tuple[Tensor, Tensor]:
     image = image.clone().requires_grad_(True)
     image.grad = torch.zeros_like(image)
@@ -279,25 +286,32 @@ def job(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
-    """Seconds per megapixel-iteration whole and with each tile size: in every round each kind twice in a
-    row, the second timed (as a job's iterations follow one another: the first after another kind pays for
-    the allocator's reshaping of memory), medians over the rounds."""
+    """Seconds per megapixel-iteration whole, with each tile size and in rows of the whole width of each
+    height (the automatic tiles): in every round each kind twice in a row, the second timed (as a job's
+    iterations follow one another: the first after another kind pays for the allocator's reshaping of
+    memory), medians over the rounds."""
     vgg = network()
     content, style, image = images(args.edge)
     made = objective(vgg, content, style, "gram", TERMS["all (gram)"])
     megapixels = image.shape[-1] * image.shape[-2] / 1e6
-    times: dict[str, list[float]] = {"whole": [], **{f"tile {tile}": [] for tile in args.tiles}}
+    width = image.shape[-1]
+    kinds: dict[str, tiles.TileBounds | None] = {
+        "whole": None,
+        **{f"tile {tile}": tiles.TileBounds(tile, tile) for tile in args.tiles},
+        **{f"rows {rows}": tiles.TileBounds(rows, width) for rows in args.rows},
+    }
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for repeat in range(args.repeats):
-        for kind, tile in zip(times, (0, *args.tiles), strict=True):
+        for kind, bounds in kinds.items():
             for shift in (2 * repeat, 2 * repeat + 1):
                 began = time.perf_counter()
-                if tile:
-                    tiled_gradient(made, vgg, image, tile, args.halo, (shift, shift))
+                if bounds:
+                    tiled_gradient(made, vgg, image, bounds, args.halo, (shift, shift))
                 else:
                     whole_gradient(made, vgg, image)
             times[kind].append((time.perf_counter() - began) / megapixels)
     medians = {kind: statistics.median(values) for kind, values in times.items()}
-    grids = {f"tile {tile}": len(grid(vgg, image, tile, args.halo)) for tile in args.tiles}
+    grids = {kind: len(grid(vgg, image, bounds, args.halo)) for kind, bounds in kinds.items() if bounds}
     for kind, median in medians.items():
         print(
             f"{args.edge} px ({image.shape[-1]}x{image.shape[-2]}), halo {args.halo}, {kind:9}"
@@ -330,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mem.add_argument("--largest-whole", type=int, default=2048, help="largest edge to run whole")
     fast = commands.add_parser("speed")
     fast.add_argument("--edge", type=int, default=1024)
-    fast.add_argument("--tiles", type=int, nargs="+", default=[384, 512, 768])
+    fast.add_argument("--tiles", type=int, nargs="*", default=[384, 512, 768])
+    fast.add_argument("--rows", type=int, nargs="*", default=[352], help="rows of the whole width")
     fast.add_argument("--halo", type=int, default=96)
     fast.add_argument("--repeats", type=int, default=3)
     whole_job = commands.add_parser("job")

@@ -92,6 +92,14 @@ def test_rows_keep_least_rows_where_tiles_are_smaller() -> None:
     assert {(t.core[0].start, t.core[0].stop) for t in grid(300, 64, 64, 0, (3, 0))} == {(0, 160), (160, 300)}
 
 
+def test_the_automatic_tiles_are_rows_of_the_whole_width_where_they_fit(monkeypatch) -> None:
+    # Half the free memory is planned, at BYTES_PER_PIXEL a pixel: 1000 x 300 pixels here.
+    monkeypatch.setattr(tiles, "free_memory", lambda device: 2 * 1000 * 300 * tiles.BYTES_PER_PIXEL)
+    assert tiles.largest_bounds(1000, 96, LEAST_ROWS, CPU) == tiles.TileBounds(288, 1024)
+    # 4000 columns leave 73 rows, fewer than a column's first tile needs: square cores whose crops fit.
+    assert tiles.largest_bounds(4000, 96, LEAST_ROWS, CPU) == tiles.TileBounds(352, 352)
+
+
 def test_a_tile_pass_computes_each_feature_once_and_only_the_context_its_core_needs(random_network) -> None:
     image = torch.rand(1, 3, 384, 320, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -10,17 +10,21 @@ So one evaluation is:
 1. every tile forward without gradients: the statistics and the loss values (the last tile keeps its
    graph, and step 3 starts with it);
 2. dL/dS from the statistics (small: channels x channels per layer);
-3. every tile forward and backward on  sum <dL/dS, s(F)> + its content share, its input's gradient added
-   into the image's.
+3. every tile forward and backward on  sum <dL/dS, s(F)> + its content share, in reverse order, its
+   input's gradient added into the image's.
 
-A tile is its core (the pixels whose features it contributes) and a halo of context around it: a core
-feature near the tile's edge sees the halo instead of the neighbouring pixels the whole image would show,
-so the gradient is exact up to the receptive field the halo cuts (docs/tiles.md measures it). A pass
-computes no more than the core's features depend on: the crop, and each map after a pooling, are cut to
-the context the network's taps need (VGGFeatures.context: 70 px around the core at the input for
-relu5_1). Tile edges fall on multiples of the deepest layer's downsampling, so every pooling window and
-every feature position of a tile is one of the whole image's. The grid moves every iteration, so no pixel
-sits at a tile border twice in a row.
+Tiles lie in rows and columns. Down a column, rows are streamed (TileMaps): each tile computes the rows of
+every layer that its own rows make whole and hands the last rows of each map a convolution or pooling
+reads to the tile below, so every feature is computed once, from the whole image's rows; in step 3 the
+gradients of those rows go back up, from each tile to the one above. Across columns a tile takes context
+instead: its core (the pixels whose features it contributes) and a halo of columns each side, of which a
+pass computes no more than the core's features depend on (VGGFeatures.context: 70 px for relu5_1), each
+map cut to that after a pooling. So the gradient is exact up to the receptive field the halo cuts
+(docs/tiles.md measures it), and the automatic tiles, rows of the image's whole width, need no context at
+all. Tile edges fall on multiples of the deepest layer's downsampling, so every pooling window and feature
+position of a tile is one of the whole image's. The grid moves every iteration wherever the tiles leave
+room, so no pixel sits at a tile border twice in a row (rows of TileNetwork.least_rows may have none; a
+row border, being streamed, cuts nothing).
 """
 
 from __future__ import annotations
@@ -89,19 +93,30 @@ class TileNetwork:
 
 
 class _Cut(torch.autograd.Function):
-    """A map's rows and columns, a view; its gradient is the cut's padded with zeros in the map's own
-    memory layout (slicing's own backward makes a contiguous zero tensor, which every layer of a
-    channels-last network before it would convert back)."""
+    """A map's rows and columns, a view; its gradient is the cut's, with zeros where the cut left the map,
+    in the map's own memory layout (slicing's own backward makes a contiguous zero tensor, which every
+    layer of a channels-last network before it would convert back). Only the margins are zeroed: a cut
+    often drops a row or two of a large map."""
 
     @staticmethod
     def forward(ctx: Any, layer_map: Tensor, rows: slice, columns: slice) -> Tensor:
-        height, width = layer_map.shape[-2:]
-        ctx.padding = (columns.start, width - columns.stop, rows.start, height - rows.stop)
+        ctx.shape, ctx.rows, ctx.columns = layer_map.shape, rows, columns
+        channels_last = layer_map.dim() == 4 and layer_map.is_contiguous(memory_format=torch.channels_last)
+        ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return layer_map[..., rows, columns]
 
     @staticmethod
     def backward(ctx: Any, gradient: Tensor) -> tuple[Tensor, None, None]:
-        return torch.nn.functional.pad(gradient, ctx.padding), None, None
+        full = torch.empty(
+            ctx.shape, dtype=gradient.dtype, device=gradient.device, memory_format=ctx.memory_format
+        )
+        rows, columns = ctx.rows, ctx.columns
+        full[..., : rows.start, :].zero_()
+        full[..., rows.stop :, :].zero_()
+        full[..., rows, : columns.start].zero_()
+        full[..., rows, columns.stop :].zero_()
+        full[..., rows, columns] = gradient
+        return full, None, None
 
 
 def _cut(layer_map: Tensor, rows: slice, columns: slice) -> Tensor:
