@@ -126,6 +126,12 @@ def test_a_tile_pass_computes_each_feature_once_and_only_the_context_its_core_ne
     for maps, crop_rows, shapes in passes:
         tile = maps.tile
         assert crop_rows == tile.core[0].stop - max(0, tile.core[0].start - 2)
+        # What goes down to the next tile is its own few rows, not a view keeping a whole map alive.
+        assert maps.handed or tile.core[0].stop == 384
+        for rows in maps.handed.values():
+            assert (
+                rows.shape[-2] <= 2 and rows.untyped_storage().nbytes() == rows.numel() * rows.element_size()
+            )
         for name, _, _ in network.context[1:]:
             # A map is the tile's own rows and at most the two the tile above handed down.
             own = maps.core_positions(name)[0]

@@ -133,7 +133,8 @@ class TileMaps:
 
     Rows are streamed down a column of tiles: a tile computes each layer's rows that its own rows of the
     layer before make whole, and hands the last rows of each map a convolution or pooling reads (`handed`)
-    to the tile below, which puts them on top of its own (`carried`, from the tile above). So every
+    to the tile below, which puts them on top of its own (`carried`, from the tile above; before the ReLU
+    that makes the map, where one does: _joins). So every
     feature is computed once, from the whole image's rows, and a tile reads only two rows of the image
     above its core. Columns take context instead: the crop, and each map where a pooling has just made
     it, are cut to the context the taps need on each side of the core (VGGFeatures.context), rounded up to
@@ -145,8 +146,7 @@ class TileMaps:
     ):
         self.tile = tile
         self._context = {name: (downsampling, positions) for name, downsampling, positions in context}
-        names = [name for name, _, _ in context]
-        self._reader = dict(itertools.pairwise(names))  # the layer reading each layer's map
+        self._joins = _joins([name for name, _, _ in context])
         self._above, self._below = tile.core[0].start > 0, tile.core[0].stop < height
         self.carried = carried  # the tile above's rows, by the layer that reads them
         self.handed: dict[str, Tensor] = {}  # rows for the tile below, by the layer that reads them
@@ -154,6 +154,7 @@ class TileMaps:
         start = tile.crop[1].start
         self.crop = (tile.crop[0], self._kept("input", start, tile.crop[1].stop - start))  # of the image
         self._row, self._column = self.crop[0].start, self.crop[1].start
+        self._own_row = self._row  # the first row of the current map that is the tile's own
         # Per layer: its map's first row and first column, and the rows of the tile's own part of it.
         self._origins: dict[str, tuple[int, int]] = {}
         self._own_rows: dict[str, slice] = {}
@@ -179,26 +180,27 @@ class TileMaps:
         if name.startswith("conv"):  # its first and last rows read rows the tiles above and below have
             rows = slice(int(self._above), layer_map.shape[-2] - int(self._below))
             self._row += int(self._above)
+            self._own_row = self._row
         elif name.startswith("pool"):
             assert self._row % 2 == 0 and self._column % 2 == 0, (name, self._row, self._column)
             kept = self._kept(name, self._column // 2, layer_map.shape[-1])
             columns = slice(kept.start - self._column // 2, kept.stop - self._column // 2)
             self._row, self._column = self._row // 2, kept.start
+            self._own_row = self._row
         if rows != slice(0, layer_map.shape[-2]) or columns != slice(0, layer_map.shape[-1]):
             layer_map = _cut(layer_map, rows, columns)
-        own = self._row
-        reader = self._reader.get(name, "")
-        if reader.startswith(("conv", "pool")):
+        reader = self._joins.get(name)
+        if reader is not None:
             above = self.carried.get(reader)
             if above is not None:
                 layer_map = torch.cat([above, layer_map], dim=-2)
                 self._row -= above.shape[-2]
             # A convolution's next output row reads the last two; a pooling leaves an odd row unpaired.
             handed = _CONVOLUTION_ROWS if reader.startswith("conv") else layer_map.shape[-2] % 2
-            if self._below and handed:
-                self.handed[reader] = layer_map[..., layer_map.shape[-2] - handed :, :]
+            if self._below and handed:  # a copy: a view would keep the whole map to the pass's end
+                self.handed[reader] = layer_map[..., layer_map.shape[-2] - handed :, :].clone()
         self._origins[name] = (self._row, self._column)
-        self._own_rows[name] = slice(own - self._row, layer_map.shape[-2])
+        self._own_rows[name] = slice(self._own_row - self._row, layer_map.shape[-2])
         return layer_map
 
     def _core(self, name: str) -> tuple[slice, slice]:
@@ -219,6 +221,18 @@ class TileMaps:
         rows, columns = self._core(name)
         row, column = self._origins[name]
         return slice(rows.start + row, rows.stop + row), slice(columns.start + column, columns.stop + column)
+
+
+def _joins(names: Sequence[str]) -> dict[str, str]:
+    """For each convolution or pooling but the first (which reads the image), where the rows from the tile
+    above join the map it reads: the map itself, or, where a ReLU made it, the map the ReLU reads (a
+    convolution's, which nothing saves for the backward; a ReLU's output is saved by the ReLU and the
+    reader alike, and joining after it would save a second, joined copy). Keyed by where they join."""
+    joins = {}
+    for made_by, reader in itertools.pairwise(names):
+        if reader.startswith(("conv", "pool")) and made_by != "input":
+            joins[names[names.index(made_by) - 1] if made_by.startswith("relu") else made_by] = reader
+    return joins
 
 
 def _offsets(length: int, tile: int, cuts: Sequence[int], least: int) -> list[int]:
@@ -357,8 +371,7 @@ def _passes(
         keep = keep_last and index == len(tiles) - 1
         carried = _carried_leaves(received) if keep else received
         maps, crop, features = _forward(tile, image, network, carried, gradient=keep)
-        # Copies: a view would keep the whole map it was cut from.
-        handed[_column(tile)] = {name: rows.detach().clone() for name, rows in maps.handed.items()}
+        handed[_column(tile)] = {name: rows.detach() for name, rows in maps.handed.items()}
         yield maps, crop, features, received
 
 
@@ -482,20 +495,25 @@ def tiled_terms(
             if ready:
                 maps, crop, features = ready.pop()
             else:
-                carried = _carried_leaves(received[index])
-                maps, crop, features = _forward(tiles[index], image, network, carried, gradient=True)
+                rows_above = _carried_leaves(received[index])
+                maps, crop, features = _forward(tiles[index], image, network, rows_above, gradient=True)
             surrogate = _content_share(objective.content, features, maps) * objective.content_weight
             for name, share in _shares(features, maps, style_statistics, size, downsampling).items():
                 for leaf, part in zip(leaves[name], _leaves(share), strict=True):
                     surrogate = surrogate + (slopes[leaf] * part).sum()
             below = owed.pop(_column(tiles[index]), {})
-            torch.autograd.backward(
-                [surrogate, *(maps.handed[name] for name in below)], [None, *below.values()]
+            crop_gradient, *carried_gradients = torch.autograd.grad(
+                [surrogate, *(maps.handed[name] for name in below)],
+                [crop, *maps.carried.values()],
+                [None, *below.values()],
+                allow_unused=True,
             )
-            assert crop.grad is not None
-            image.grad[..., maps.crop[0], maps.crop[1]] += crop.grad
+            image.grad[..., maps.crop[0], maps.crop[1]] += crop_gradient
+            # Copies: a carried row's gradient is a view of the gradient of the whole map it joined.
             owed[_column(tiles[index])] = {
-                name: rows.grad for name, rows in maps.carried.items() if rows.grad is not None
+                name: gradient.clone()
+                for name, gradient in zip(maps.carried, carried_gradients, strict=True)
+                if gradient is not None
             }
             del maps, crop, features, surrogate  # the next tile's pass runs without them
     return torch.stack([content + style.detach() + tv.detach(), content, style.detach(), tv.detach()])
