@@ -1,7 +1,7 @@
 """Tiled optimization (server/engine/tiles.py): how exact its gradient is, its memory and its cost.
 
     python -m bench.tiles exactness [--edge 384] [--tiles 128 192] [--halos 0 32 64 96 128]
-    python -m bench.tiles memory [--edges 512 1024 2048 4096] [--tile 512] [--halo 96]
+    python -m bench.tiles memory [--edges 512 1024 2048 4096] [--tile 512] [--halo 96] [--mmap-threshold N]
     python -m bench.tiles speed [--edge 1024] [--tiles 384 512 768] [--rows 352] [--halo 96] [--repeats 3]
     python -m bench.tiles job [--edge 4096] [--iterations 2] [--tile 0] [--precision auto]
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -226,13 +227,19 @@ def one_evaluation(edge: int, tile: int, halo: int) -> dict[str, Any]:
 
 
 def memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Each row in a fresh process; with --mmap-threshold N, glibc serves every allocation of N bytes or
+    more by its own mmap and unmaps it when freed (MALLOC_MMAP_THRESHOLD_), so the peak RSS is that of
+    the tensors alive, not what the heap keeps of freed ones."""
+    environment = dict(os.environ)
+    if args.mmap_threshold:
+        environment["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     rows = []
     for edge in args.edges:
         for tile in (0, args.tile):
             if tile == 0 and edge > args.largest_whole:
                 continue
             command = [sys.executable, "-m", "bench.tiles", "one", str(edge), str(tile), str(args.halo)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            done = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
             row = json.loads(done.stdout)
             rows.append(row)
             kind = f"tile {tile}" if tile else "whole"
@@ -240,7 +247,7 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
                 f"{edge:5} px {kind:9}: peak RSS {row['peak_rss_mib']:8.0f} MiB, {row['seconds']:.1f} s",
                 file=sys.stderr,
             )
-    return {"halo": args.halo, "rows": rows}
+    return {"halo": args.halo, "mmap_threshold": args.mmap_threshold, "rows": rows}
 
 
 def job(args: argparse.Namespace) -> dict[str, Any]:
@@ -342,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mem.add_argument("--tile", type=int, default=512)
     mem.add_argument("--halo", type=int, default=96)
     mem.add_argument("--largest-whole", type=int, default=2048, help="largest edge to run whole")
+    mem.add_argument("--mmap-threshold", type=int, default=0, help="MALLOC_MMAP_THRESHOLD_ (0: glibc's)")
     fast = commands.add_parser("speed")
     fast.add_argument("--edge", type=int, default=1024)
     fast.add_argument("--tiles", type=int, nargs="*", default=[384, 512, 768])
