@@ -366,7 +366,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     one.add_argument("tile", type=int)
     one.add_argument("halo", type=int)
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     if args.command == "one":
         print(json.dumps(one_evaluation(args.edge, args.tile, args.halo)))
         return 0
