@@ -35,6 +35,7 @@ from torch import Tensor
 
 from bench.machine import machine_info
 from bench.quality import load
+from bench.report import print_report
 from stylize.api.options import DEFAULT_STYLE_LAYERS, LossNormalization
 from stylize.model.vgg import VGGFeatures
 from stylize.model.weights import resolve_weights
@@ -371,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     run = {"exactness": exactness, "memory": memory, "speed": speed, "job": job}[args.command]
     result = {"machine": machine_info(), "command": " ".join(sys.argv), **run(args)}
-    print(json.dumps(result, indent=2))
+    print_report(result)
     return 0
 
 
