@@ -174,7 +174,8 @@ class StyleOptions:
 
     # Tiled optimization (server/engine/tiles.py): 0 tiles a scale only when a whole-image pass would not
     # fit the device's free memory (in rows of the image's whole width); N tiles every scale with an edge
-    # above N, in cores of at most N pixels (rows, which stream down a column, of at least 128 to relu5_1).
+    # above N, in tiles of at most N x N pixels: rows of the whole width where at least 128 of them fit
+    # (rows stream down a column and need no context; 128 with taps to relu5_1), else N x N cores.
     tile_size: int = 0
     # Context each side of a tile, in columns (rows stream and need none), pixels: what the tiled
     # gradient's error falls with. 96 covers the 70 pixels around a region that relu5_1's features of it

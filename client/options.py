@@ -68,7 +68,7 @@ HELP: dict[str, str] = {
     "pooling": "pooling inside VGG",
     "padding": "padding of the first convolution",
     "precision": "numeric precision of the network",
-    "tile_size": "tile edge for tiled optimization (0: only where a scale does not fit memory)",
+    "tile_size": "tiles of at most N x N pixels (0: tile only where a scale does not fit memory)",
     "tile_halo": "context pixels each side of a tile's columns",
     "every": "send a preview every N iterations (0: no previews)",
     "max_size": "longest edge of a preview in pixels (0: full size)",

@@ -206,6 +206,35 @@ def test_a_scale_that_does_not_fit_in_memory_runs_tiled(random_network, monkeypa
     assert len(calls) == 3 and all(count > 1 for count in calls)
 
 
+def test_tile_size_takes_rows_of_the_whole_width_where_they_fit_in_its_square(random_network, monkeypatch):
+    columns = []
+    real = tiles.tiled_terms
+    monkeypatch.setattr(
+        tiles,
+        "tiled_terms",
+        lambda *a, **k: columns.append({(t.core[1].start, t.core[1].stop) for t in a[2]}) or real(*a, **k),
+    )
+    content = sample_sized("chelsea.png", (512, 384))
+    options = dataclasses.replace(
+        DEFAULTS, size=512, min_size=512, initial_iterations=1, iterations=1, precision="fp32"
+    )
+    replace = dataclasses.replace
+    for tile_size in (448, 256):
+        columns.clear()
+        records = list(
+            stylize(
+                content, [(content, 1.0)], replace(options, tile_size=tile_size), random_network, device=CPU
+            )
+        )
+        assert isinstance(records[-1], Result) and columns
+        if tile_size == 448:  # 448 x 448 pixels hold 390 rows of 512: rows of 384 (no room: two of 192)
+            assert all(found == {(0, 512)} for found in columns)
+        else:  # 126 rows of 512, fewer than the 128 a column's first tile needs: cores of at most 256
+            assert all(
+                len(found) > 1 and all(stop - start <= 256 for start, stop in found) for found in columns
+            )
+
+
 @pytest.fixture(scope="module")
 def real_network(real_weights_cache):
     from bench.tiles import LAYERS

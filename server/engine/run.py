@@ -297,21 +297,21 @@ class _Job:
         )
 
     def _tile_bounds(self, scale: schedule.Scale) -> tiles.TileBounds | None:
-        """The tiles of a scale (None: the scale runs whole): cores of the caller's tile_size for a scale
-        with an edge above it; else, where a whole-image pass would not fit the device's free memory, the
-        largest tiles whose passes do."""
+        """The tiles of a scale (None: the scale runs whole). For a scale with an edge above the caller's
+        tile_size N, tiles of at most N x N pixels: rows of the whole width where they have at least
+        least_rows, else N x N cores. Without tile_size, where a whole-image pass would not fit the
+        device's free memory, the largest tiles whose passes do."""
         o = self.options
         if self.network is None:
             return None
-        if o.tile_size:
-            return (
-                tiles.TileBounds(o.tile_size, o.tile_size)
-                if max(scale.width, scale.height) > o.tile_size
-                else None
-            )
-        if tiles.whole_image_fits(scale.pixels, self.device):
+        if o.tile_size and max(scale.width, scale.height) <= o.tile_size:
+            return None
+        if not o.tile_size and tiles.whole_image_fits(scale.pixels, self.device):
             return None
         least_rows = self._tile_network(loop=True).least_rows
+        if o.tile_size:
+            rows = tiles.whole_width_rows(scale.width, o.tile_size**2, least_rows)
+            return rows or tiles.TileBounds(o.tile_size, o.tile_size)
         return tiles.largest_bounds(scale.width, o.tile_halo, least_rows, self.device)
 
     def _objective(self, content: Tensor, tile: tiles.TileBounds | None) -> Objective:

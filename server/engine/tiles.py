@@ -323,14 +323,19 @@ def moving_shifts(seed: int) -> Iterator[tuple[int, int]]:
 
 def largest_bounds(width: int, halo: int, least_rows: int, device: torch.device) -> TileBounds:
     """The largest tiles a pass can plan for within the memory free on `device`: rows of the image's
-    whole width where `least_rows` of them fit (no columns, so no context to compute twice), else square
-    cores (multiples of TILE_ALIGN, at least 2 of them) whose crops with `halo` fit."""
+    whole width where `least_rows` of them fit, else square cores (multiples of TILE_ALIGN, at least 2 of
+    them) whose crops with `halo` fit."""
     pixels = int(MEMORY_SHARE * free_memory(device) / BYTES_PER_PIXEL)
-    rows = (pixels // width - _CONVOLUTION_ROWS) // TILE_ALIGN * TILE_ALIGN
-    if rows >= least_rows:
-        return TileBounds(rows, -(-width // TILE_ALIGN) * TILE_ALIGN)
     edge = max(2 * TILE_ALIGN, (math.isqrt(pixels) - 2 * halo) // TILE_ALIGN * TILE_ALIGN)
-    return TileBounds(edge, edge)
+    return whole_width_rows(width, pixels, least_rows) or TileBounds(edge, edge)
+
+
+def whole_width_rows(width: int, pixels: int, least_rows: int) -> TileBounds | None:
+    """Rows of the image's whole width whose crops (each also reads the rows above its core its first
+    convolution needs) hold at most `pixels`, where at least `least_rows` of them do; else None. Such rows
+    have no columns, so no context to compute twice: the cheapest tiles for a memory bound."""
+    rows = (pixels // width - _CONVOLUTION_ROWS) // TILE_ALIGN * TILE_ALIGN
+    return TileBounds(rows, -(-width // TILE_ALIGN) * TILE_ALIGN) if rows >= least_rows else None
 
 
 def positions(size: tuple[int, int], downsampling: int) -> int:
