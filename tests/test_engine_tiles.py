@@ -215,17 +215,18 @@ def test_tile_size_takes_rows_of_the_whole_width_where_they_fit_in_its_square(ra
         lambda *a, **k: columns.append({(t.core[1].start, t.core[1].stop) for t in a[2]}) or real(*a, **k),
     )
     content = sample_sized("chelsea.png", (512, 384))
-    options = dataclasses.replace(
-        DEFAULTS, size=512, min_size=512, initial_iterations=1, iterations=1, precision="fp32"
-    )
-    replace = dataclasses.replace
     for tile_size in (448, 256):
-        columns.clear()
-        records = list(
-            stylize(
-                content, [(content, 1.0)], replace(options, tile_size=tile_size), random_network, device=CPU
-            )
+        options = dataclasses.replace(
+            DEFAULTS,
+            size=512,
+            min_size=512,
+            initial_iterations=1,
+            iterations=1,
+            precision="fp32",
+            tile_size=tile_size,
         )
+        columns.clear()
+        records = list(stylize(content, [(content, 1.0)], options, random_network, device=CPU))
         assert isinstance(records[-1], Result) and columns
         if tile_size == 448:  # 448 x 448 pixels hold 390 rows of 512: rows of 384 (no room: two of 192)
             assert all(found == {(0, 512)} for found in columns)

@@ -304,14 +304,15 @@ class _Job:
         o = self.options
         if self.network is None:
             return None
-        if o.tile_size and max(scale.width, scale.height) <= o.tile_size:
-            return None
-        if not o.tile_size and tiles.whole_image_fits(scale.pixels, self.device):
-            return None
-        least_rows = self._tile_network(loop=True).least_rows
         if o.tile_size:
+            if max(scale.width, scale.height) <= o.tile_size:
+                return None
+            least_rows = self._tile_network(loop=True).least_rows
             rows = tiles.whole_width_rows(scale.width, o.tile_size**2, least_rows)
             return rows or tiles.TileBounds(o.tile_size, o.tile_size)
+        if tiles.whole_image_fits(scale.pixels, self.device):
+            return None
+        least_rows = self._tile_network(loop=True).least_rows
         return tiles.largest_bounds(scale.width, o.tile_halo, least_rows, self.device)
 
     def _objective(self, content: Tensor, tile: tiles.TileBounds | None) -> Objective:
